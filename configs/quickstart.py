@@ -1,0 +1,74 @@
+r"""Quickstart: a disease + severity classifier on MeMa-Synth, trained on the CPU in a few minutes.
+
+The README's first command runs this (``make quickstart``).  It renders MeMa-Synth (1200 images at
+64 px) into ``data/mema_synth_64`` on first use, trains a small ResNet through the shared training
+core (sharded state, orbax checkpoints with the grain iterator, clu metrics), and evaluates
+per-class top-1 accuracy on the validation split.
+
+Run:
+  python -m launch.main --config=configs/quickstart.py --workdir=runs/quickstart
+Variants:
+  :tiny   a few-second run for tests (32 px, 24 steps, checkpoint every 4).
+  :gpu    bigger images and batch, bf16 compute, for one GPU.
+Measured (2-core CPU, default variant): data rendering ~5 s, 600 steps in ~2.5 min, val accuracy
+recorded in runs/quickstart/metrics.csv.
+"""
+import ml_collections
+
+from configs.common import base_config
+
+
+def get_config(arg=None):
+    variant = arg or "local"
+    if variant not in ("local", "tiny", "gpu"):
+        raise ValueError(f"unknown variant {variant!r} of configs/quickstart.py; use local, tiny or gpu")
+    c = base_config()
+    c.trainer = "mema_jax.trainers.classifier"
+    c.variant = variant
+
+    c.data = ml_collections.ConfigDict()
+    c.data.root = "data/mema_synth_64"
+    c.data.image_size = 64
+    c.data.generate_if_missing = True  # render MeMa-Synth at data.root when it is absent
+    c.data.verify_images = True
+    c.data.augment = True
+    c.data.workers = 0  # grain worker processes; 0 = in the main process
+    c.data.synth = ml_collections.ConfigDict(
+        {"num_images": 1200, "images_per_identity": 4, "resolution": 64, "seed": 0})
+
+    c.model = ml_collections.ConfigDict({"widths": (32, 64, 128), "blocks_per_stage": 1, "groups": 8, "remat": False})
+    c.optim = ml_collections.ConfigDict(
+        {"lr": 2e-3, "b1": 0.9, "b2": 0.99, "weight_decay": 1e-4, "warmup_steps": 50, "grad_clip": 1.0})
+    # fp32 compute on CPU: XLA:CPU has no fast bf16 matmul, and exact reruns make resume checks bitwise.
+    c.precision.compute_dtype = "float32"
+    c.batch_size = 32
+    c.total_steps = 600
+    c.eval_every = 200
+    c.eval_split = "val"
+    c.checkpoint_every = 100
+    c.log_every = 25
+
+    if variant == "tiny":
+        c.data.root = "data/mema_synth_32_tiny"
+        c.data.image_size = 32
+        c.data.synth.update(num_images=160, images_per_identity=4, resolution=32)
+        c.model.widths = (8, 16)
+        c.batch_size = 8
+        c.total_steps = 24
+        c.eval_every = 0
+        c.checkpoint_every = 4
+        c.log_every = 4
+        c.optim.warmup_steps = 4
+    elif variant == "gpu":
+        c.data.root = "data/mema_synth_128"
+        c.data.image_size = 128
+        c.data.synth.update(num_images=20000, images_per_identity=5, resolution=128)
+        c.data.workers = 8
+        c.model.widths = (64, 128, 256, 512)
+        c.model.blocks_per_stage = 2
+        c.precision.compute_dtype = "bfloat16"
+        c.batch_size = 256
+        c.total_steps = 5000
+        c.eval_every = 1000
+        c.checkpoint_every = 1000
+    return c

@@ -1,0 +1,1 @@
+"""Data: the MeMa folder layout, grain pipelines, and the MeMa-Synth renderer."""

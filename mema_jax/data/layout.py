@@ -1,0 +1,207 @@
+"""The MeMa folder layout: one reader and writer shared by MeMa, MeMa-Synth and the eval bridge.
+
+Pure Python + numpy + PIL (no jax), so the PyTorch eval bridge can import it too.
+
+    <root>/
+      labels.csv      image_id,image,disease,severity,age,gender,split,identity,mask
+      images/<image_id>.png   (any PIL-readable RGB image)
+      masks/<image_id>.png    tumour masks (single channel, non-zero = tumour), segmentation subset only
+
+Columns: ``disease`` one of DISEASES; ``severity`` one of SEVERITIES or empty (real MeMa has no
+severity annotation); ``age`` an integer in years or empty; ``gender`` one of GENDERS or empty;
+``split`` one of SPLITS (the paper's training / hyper-parameter-selection / validation sets);
+``identity`` an identity id or empty when unknown; ``mask`` a relative path or empty.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+DISEASES = ("Normal", "BCC", "Conj", "Uveitis", "Ptosis", "SCC", "Strab", "TAO")
+SEVERITIES = ("slight", "mid", "heavy")
+SPLITS = ("train", "select", "val")
+GENDERS = ("female", "male")
+LABELS_FILE = "labels.csv"
+COLUMNS = ("image_id", "image", "disease", "severity", "age", "gender", "split", "identity", "mask")
+# The paper's split sizes: 34000 train / 3729 hyper-parameter selection / 4578 validation.
+PAPER_SPLIT_SIZES = {"train": 34000, "select": 3729, "val": 4578}
+
+
+class MeMaFormatError(ValueError):
+    """A MeMa folder is malformed; the message names the file and the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    image_id: str
+    image: str
+    disease: str
+    severity: str
+    age: int | None
+    gender: str
+    split: str
+    identity: str
+    mask: str
+
+    @property
+    def label(self) -> int:
+        return DISEASES.index(self.disease)
+
+
+def _parse_row(row: dict, where: str) -> Record:
+    def choice(name, allowed, allow_empty):
+        value = (row.get(name) or "").strip()
+        if value == "" and allow_empty:
+            return ""
+        if value not in allowed:
+            raise MeMaFormatError(f"{where}: unknown {name} {value!r}; expected one of {list(allowed)}")
+        return value
+
+    image_id = (row.get("image_id") or "").strip()
+    image = (row.get("image") or "").strip()
+    if not image_id or not image:
+        raise MeMaFormatError(f"{where}: image_id and image must not be empty")
+    age_text = (row.get("age") or "").strip()
+    try:
+        age = int(age_text) if age_text else None
+    except ValueError:
+        raise MeMaFormatError(f"{where}: age {age_text!r} is not a whole number of years") from None
+    if age is not None and not 0 <= age <= 130:
+        raise MeMaFormatError(f"{where}: age {age} is out of range 0..130")
+    return Record(
+        image_id=image_id,
+        image=image,
+        disease=choice("disease", DISEASES, False),
+        severity=choice("severity", SEVERITIES, True),
+        age=age,
+        gender=choice("gender", GENDERS, True),
+        split=choice("split", SPLITS, False),
+        identity=(row.get("identity") or "").strip(),
+        mask=(row.get("mask") or "").strip(),
+    )
+
+
+def _check_image(path: Path, what: str, where: str) -> None:
+    if not path.is_file():
+        raise MeMaFormatError(f"{path}: {what} file is missing (listed at {where})")
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # PIL raises many types for truncated/corrupt files
+        raise MeMaFormatError(f"{path}: {what} is not a readable image ({type(e).__name__}: {e})") from None
+
+
+class MeMaDataset:
+    """A validated MeMa-layout folder."""
+
+    def __init__(self, root: Path, records: Sequence[Record]):
+        self.root = Path(root)
+        self.records = tuple(records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def split(self, name: str) -> list[Record]:
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; expected one of {list(SPLITS)}")
+        return [r for r in self.records if r.split == name]
+
+    def image_path(self, rec: Record) -> Path:
+        return self.root / rec.image
+
+    def mask_path(self, rec: Record) -> Path | None:
+        return self.root / rec.mask if rec.mask else None
+
+    def load_image(self, rec: Record) -> np.ndarray:
+        path = self.image_path(rec)
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert("RGB"))
+        except Exception as e:
+            raise MeMaFormatError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+
+    def load_mask(self, rec: Record) -> np.ndarray:
+        path = self.mask_path(rec)
+        if path is None:
+            raise ValueError(f"record {rec.image_id} has no mask")
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert("L")) > 0
+        except Exception as e:
+            raise MeMaFormatError(f"{path}: cannot decode mask ({type(e).__name__}: {e})") from None
+
+
+def read_dataset(root, *, verify_images: bool = True) -> MeMaDataset:
+    """Reads and validates ``root``; raises MeMaFormatError naming the first bad file."""
+    root = Path(root)
+    labels = root / LABELS_FILE
+    if not labels.is_file():
+        raise MeMaFormatError(f"{labels}: labels table is missing (is {root} a MeMa folder?)")
+    with open(labels, newline="") as f:
+        reader = csv.DictReader(f)
+        header = tuple(reader.fieldnames or ())
+        missing = [c for c in COLUMNS if c not in header]
+        if missing:
+            raise MeMaFormatError(f"{labels}: missing columns {missing}; the header must hold {list(COLUMNS)}")
+        records = [_parse_row(row, f"{labels} line {i + 2}") for i, row in enumerate(reader)]
+    if not records:
+        raise MeMaFormatError(f"{labels}: no rows")
+    seen: dict[str, int] = {}
+    for i, rec in enumerate(records):
+        where = f"{labels} line {i + 2}"
+        if rec.image_id in seen:
+            raise MeMaFormatError(f"{where}: image_id {rec.image_id!r} repeats line {seen[rec.image_id] + 2}")
+        seen[rec.image_id] = i
+        for rel in (rec.image, rec.mask):
+            if rel and (Path(rel).is_absolute() or ".." in Path(rel).parts):
+                raise MeMaFormatError(f"{where}: path {rel!r} must be relative and inside {root}")
+        if verify_images:
+            _check_image(root / rec.image, "image", where)
+            if rec.mask:
+                _check_image(root / rec.mask, "mask", where)
+        elif not (root / rec.image).is_file():
+            raise MeMaFormatError(f"{root / rec.image}: image file is missing (listed at {where})")
+    return MeMaDataset(root, records)
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` via a temp file in the same folder and os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_png(path, array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(array)).save(buf, format="PNG", compress_level=1)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_labels(root, records: Iterable[Record]) -> Path:
+    """Writes ``<root>/labels.csv`` atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for rec in records:
+        row = dataclasses.asdict(rec)
+        row["age"] = "" if rec.age is None else str(rec.age)
+        writer.writerow(row)
+    path = Path(root) / LABELS_FILE
+    atomic_write_bytes(path, buf.getvalue().encode())
+    return path
