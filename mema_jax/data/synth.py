@@ -23,12 +23,13 @@ proportions 34000 / 3729 / 4578.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import multiprocessing
 import os
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -139,6 +140,14 @@ def plan(spec: SynthSpec) -> list[ImageSpec]:
 # ----------------------------------------------------------------------------- rendering
 
 
+@functools.lru_cache(maxsize=8)
+def _pixel_grid(res: int) -> tuple[np.ndarray, np.ndarray]:
+    centers = (np.arange(res, dtype=np.float32) + 0.5) / res * 2 - 1
+    x, y = np.meshgrid(centers, centers)
+    x.flags.writeable = y.flags.writeable = False
+    return x, y
+
+
 class _Canvas:
     """An RGB float canvas with face coordinates u (right) and v (down) in [-1, 1] units."""
 
@@ -147,11 +156,10 @@ class _Canvas:
         self.scale = scale
         self.cos, self.sin = math.cos(roll), math.sin(roll)
         self.tx, self.ty = shift
-        centers = (np.arange(res, dtype=np.float32) + 0.5) / res * 2 - 1
-        x, y = np.meshgrid(centers, centers)
-        x, y = x - self.tx, y - self.ty
-        self.u = (self.cos * x + self.sin * y) / scale
-        self.v = (-self.sin * x + self.cos * y) / scale
+        x, y = _pixel_grid(res)
+        x, y = x - np.float32(self.tx), y - np.float32(self.ty)
+        self.u = x * np.float32(self.cos / scale) + y * np.float32(self.sin / scale)
+        self.v = y * np.float32(self.cos / scale) - x * np.float32(self.sin / scale)
         self.img = np.empty((res, res, 3), np.float32)
         self.img[:] = background
         self.lesion = None
@@ -161,7 +169,7 @@ class _Canvas:
         x = self.scale * (self.cos * cu - self.sin * cv) + self.tx
         y = self.scale * (self.sin * cu + self.cos * cv) + self.ty
         r = self.scale * radius
-        to_px = lambda t: (t + 1) / 2 * self.res  # noqa: E731
+        to_px = lambda t: (t + 1) / 2 * self.res
         x0, x1 = int(max(0, math.floor(to_px(x - r)) - 1)), int(min(self.res, math.ceil(to_px(x + r)) + 1))
         y0, y1 = int(max(0, math.floor(to_px(y - r)) - 1)), int(min(self.res, math.ceil(to_px(y + r)) + 1))
         if x0 >= x1 or y0 >= y1:
@@ -184,7 +192,7 @@ class _Canvas:
     def paint(self, box, alpha, color, opacity=1.0):
         if box is None:
             return
-        a = (alpha * opacity)[..., None]
+        a = (alpha * np.float32(opacity))[..., None] if opacity != 1.0 else alpha[..., None]
         region = self.img[box]
         region += a * (np.asarray(color, np.float32) - region)
 
@@ -347,7 +355,7 @@ def render(image: ImageSpec, resolution: int) -> tuple[np.ndarray, np.ndarray | 
     # lighting, sensor noise
     light = r.normal(0, 0.25, 2)
     c.img *= (r.uniform(0.85, 1.1) + light[0] * c.u[..., None] * 0.25 + light[1] * c.v[..., None] * 0.15)
-    c.img += r.normal(0, 0.012, c.img.shape).astype(np.float32)
+    c.img += r.standard_normal(c.img.shape, dtype=np.float32) * np.float32(0.012)
     rgb = (np.clip(c.img, 0, 1) * 255 + 0.5).astype(np.uint8)
     mask = None
     if c.lesion is not None:
