@@ -1,0 +1,2 @@
+"""Medical utility of de-identified images (the paper's Tab. 3): disease classification with a fine-tuned DINOv2
+(``eval.medical.classification``) and tumour segmentation with nnU-Net v2 (``eval.medical.segmentation``)."""

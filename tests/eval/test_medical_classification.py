@@ -1,0 +1,243 @@
+"""Disease classification (Tab. 3): DINOv2 fine-tuning on a MeMa folder, resuming, prediction, accuracies.
+
+The backbone is a tiny random DINOv2 saved with save_pretrained, loaded back through the same path a user's
+facebook/dinov2-base folder takes. The fixture's classes are flat colours (with pixel noise), so a working
+fine-tune separates them in a few epochs.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import balanced_accuracy_score
+from transformers import Dinov2Config, Dinov2Model
+
+from eval.medical import classification
+from eval.medical.classification import (
+    evaluate_split,
+    load_classifier,
+    main,
+    per_class_accuracy,
+    predict,
+    train_classifier,
+)
+from mema_jax.data.layout import DISEASES, Record, read_dataset, write_labels, write_png
+
+REPO = Path(__file__).resolve().parents[2]
+COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230)]
+SPLIT_SIZES = {"train": 3, "select": 1, "val": 2}  # images per class
+IMAGE_SIZE = 28  # two 14-pixel DINOv2 patches a side
+TRAIN_ARGS = {"epochs": 4, "batch_size": 8, "lr": 3e-3, "image_size": IMAGE_SIZE, "seed": 0, "device": "cpu"}
+EASY_ACCURACY_BOUND = 0.9  # balanced accuracy on the validation split after 4 epochs; chance is 1/8
+
+
+@pytest.fixture(scope="module")
+def mema(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mema")
+    rng = np.random.default_rng(0)
+    records = []
+    for disease, colour in zip(DISEASES, COLOURS, strict=True):
+        for split, n in SPLIT_SIZES.items():
+            for k in range(n):
+                image_id = f"{disease}_{split}{k}"
+                image = np.clip(np.array(colour) + rng.integers(-12, 13, (32, 32, 3)), 0, 255).astype(np.uint8)
+                write_png(root / "images" / f"{image_id}.png", image)
+                records.append(Record(image_id, f"images/{image_id}.png", disease, "", 40, "female", split, "", ""))
+    write_labels(root, records)
+    return root
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dinov2")
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          image_size=IMAGE_SIZE, patch_size=14)
+    Dinov2Model(config).save_pretrained(folder)  # as facebook/dinov2-base is saved: config.json + model.safetensors
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(mema, backbone, tmp_path_factory):
+    """One uninterrupted fine-tune, shared by the tests that read its result."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    log = []
+    classifier = train_classifier(mema, backbone, out, on_epoch_end=log.append, **TRAIN_ARGS)
+    return out, classifier, log
+
+
+def _state(classifier):
+    return {k: v.detach().clone() for k, v in classifier.model.state_dict().items()}
+
+
+def test_per_class_accuracy_matches_hand_computation():
+    true = np.array([0, 0, 1, 1, 1, 2])
+    pred = np.array([0, 1, 1, 1, 0, 2])
+    scores = per_class_accuracy(pred, true)
+    assert scores["Normal"] == 0.5 and scores["BCC"] == pytest.approx(2 / 3) and scores["Conj"] == 1.0
+    assert all(math.isnan(scores[d]) for d in DISEASES[3:])  # no image of these classes
+    assert scores["All"] == pytest.approx((0.5 + 2 / 3 + 1.0) / 3, abs=1e-12)  # mean over present classes
+    assert scores["All"] == pytest.approx(balanced_accuracy_score(true, pred), abs=1e-12)
+    assert scores["Top1"] == pytest.approx(4 / 6, abs=1e-12)
+
+
+def test_per_class_accuracy_all_column_reproduces_the_papers_table_3_row():
+    # Tab. 3, "Ours": per-class accuracies (%) in DISEASES order and the reported All = 86.70.
+    paper = {"Normal": 98.98, "BCC": 96.45, "Conj": 99.83, "Uveitis": 57.56, "Ptosis": 92.32, "SCC": 87.05,
+             "Strab": 63.70, "TAO": 97.72}
+    true, pred = [], []
+    for label, disease in enumerate(DISEASES):  # 10000 images per class, the right share predicted correctly
+        correct = round(paper[disease] * 100)
+        true += [label] * 10000
+        pred += [label] * correct + [(label + 1) % len(DISEASES)] * (10000 - correct)
+    scores = per_class_accuracy(np.array(pred), np.array(true))
+    assert round(100 * scores["All"], 2) == 86.70
+
+
+def test_per_class_accuracy_rejects_bad_input():
+    with pytest.raises(ValueError, match="equal-length"):
+        per_class_accuracy(np.array([0, 1]), np.array([0]))
+    with pytest.raises(ValueError, match="class indices"):
+        per_class_accuracy(np.array([0, 8]), np.array([0, 1]))
+
+
+def test_missing_backbone_files_are_named_with_where_to_get_them(mema, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"config.json.*facebook/dinov2-base"):
+        train_classifier(mema, tmp_path / "nowhere", tmp_path / "out", **TRAIN_ARGS)
+    (tmp_path / "no_weights").mkdir()
+    (tmp_path / "no_weights" / "config.json").write_text(json.dumps({"model_type": "dinov2"}))
+    with pytest.raises(FileNotFoundError, match=r"no DINOv2 weight file.*model.safetensors.*facebook/dinov2-base"):
+        train_classifier(mema, tmp_path / "no_weights", tmp_path / "out", **TRAIN_ARGS)
+    assert not (tmp_path / "out").exists()
+
+
+def test_fine_tune_writes_the_classifier_folder_and_removes_its_checkpoint(trained):
+    out, _, log = trained
+    assert [entry["epoch"] for entry in log] == [1, 2, 3, 4]
+    assert sorted(p.name for p in out.iterdir()) == ["classifier"]  # no checkpoint, no temp files
+    written = {p.name for p in (out / "classifier").iterdir()}
+    assert {"config.json", "model.safetensors", "mema_classifier.json"} <= written
+    info = json.loads((out / "classifier" / "mema_classifier.json").read_text())
+    assert info["classes"] == list(DISEASES) and info["image_size"] == IMAGE_SIZE and len(info["history"]) == 4
+
+
+def test_loaded_classifier_predicts_one_class_index_per_image_like_the_trained_one(trained, mema):
+    out, classifier, _ = trained
+    dataset = read_dataset(mema)
+    images = [dataset.load_image(r) for r in dataset.split("val")]
+    loaded = load_classifier(out, device="cpu")
+    pred = predict(loaded, images, batch_size=5)
+    assert pred.shape == (len(images),) and pred.dtype == np.int64
+    assert pred.min() >= 0 and pred.max() < len(DISEASES)
+    np.testing.assert_array_equal(pred, predict(classifier, images))
+    assert predict(loaded, []).shape == (0,)
+
+
+def test_fine_tune_separates_flat_colour_classes(trained, mema):
+    _, classifier, log = trained
+    scores = evaluate_split(classifier, mema, "val")
+    assert scores["All"] >= EASY_ACCURACY_BOUND, scores
+    assert log[-1]["train_loss"] < log[0]["train_loss"]
+    assert all(0.0 <= entry["select_accuracy"] <= 1.0 for entry in log)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_interrupted_fine_tune_resumes_from_its_epoch_checkpoint_to_the_same_weights(trained, mema, backbone, tmp_path):
+    out = tmp_path / "out"
+
+    def stop_after_epoch_2(entry):
+        if entry["epoch"] == 2:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train_classifier(mema, backbone, out, on_epoch_end=stop_after_epoch_2, **TRAIN_ARGS)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt"]
+    with pytest.raises(FileNotFoundError, match="resume"):
+        load_classifier(out)
+    log = []
+    resumed = train_classifier(mema, backbone, out, on_epoch_end=log.append, **TRAIN_ARGS)
+    assert [entry["epoch"] for entry in log] == [3, 4]
+    # Same data order, flips and optimizer state as the uninterrupted run, so the same fp32 CPU arithmetic:
+    # weights agree to relative error <= 1e-6 (bitwise equality is expected; the bound leaves room for
+    # summation-order differences between thread schedules).
+    reference = _state(trained[1])
+    for name, value in _state(resumed).items():
+        if torch.equal(value, reference[name]):
+            continue  # also covers all-zero tensors (the unused mask token), where a relative error is undefined
+        err = (torch.linalg.vector_norm(value - reference[name]) / torch.linalg.vector_norm(reference[name])).item()
+        assert err <= 1e-6, (name, err)
+
+
+def test_resuming_with_other_settings_is_refused(mema, backbone, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(_Interrupt):
+        train_classifier(mema, backbone, out, on_epoch_end=lambda entry: (_ for _ in ()).throw(_Interrupt()),
+                         **TRAIN_ARGS)
+    with pytest.raises(ValueError, match=r"checkpoint.pt: was made with other settings \(lr=0.003\)"):
+        train_classifier(mema, backbone, out, **{**TRAIN_ARGS, "lr": 1e-4})
+
+
+def test_an_unreadable_checkpoint_is_named(mema, backbone, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"checkpoint.pt: unreadable training checkpoint"):
+        train_classifier(mema, backbone, tmp_path / "out", **TRAIN_ARGS)
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(mema, backbone, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    real_save = torch.save
+    calls = []
+
+    def save_then_fail_on_second_epoch(obj, path):
+        calls.append(path)
+        if len(calls) == 2:
+            with open(path, "wb") as f:
+                f.write(b"half a checkpoint")
+            raise OSError("disk full")
+        real_save(obj, path)
+
+    monkeypatch.setattr(classification.torch, "save", save_then_fail_on_second_epoch)
+    with pytest.raises(OSError, match="disk full"):
+        train_classifier(mema, backbone, out, **TRAIN_ARGS)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt"]  # the half-written temp file is gone
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def test_finished_output_is_returned_without_retraining(trained, mema, backbone):
+    out, classifier, _ = trained
+    log = []
+    again = train_classifier(mema, backbone, out, on_epoch_end=log.append, **TRAIN_ARGS)
+    assert log == []
+    reference = _state(classifier)
+    assert all(torch.equal(v, reference[k]) for k, v in _state(again).items())
+
+
+def test_cli_trains_and_evaluates(mema, backbone, tmp_path, capsys):
+    out = tmp_path / "out"
+    main(["train", "--data", str(mema), "--backbone", str(backbone), "--out", str(out), "--epochs", "1",
+          "--batch-size", "8", "--lr", "3e-3", "--image-size", str(IMAGE_SIZE), "--device", "cpu"])
+    assert (out / "classifier" / "mema_classifier.json").is_file()
+    capsys.readouterr()
+    main(["evaluate", "--classifier", str(out), "--data", str(mema), "--split", "val", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    scores = json.loads(printed[printed.index("{"):])
+    assert set(scores) == {"All", "Top1", *DISEASES}
+    assert all(0.0 <= v <= 1.0 for v in scores.values())
+
+
+def test_eval_medical_modules_do_not_import_jax():
+    code = ("import sys, eval.medical.classification, eval.medical.segmentation, eval.agreement; "
+            "sys.exit(any(m == 'jax' or m.startswith('jax.') for m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-2000:]
