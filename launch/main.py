@@ -2,6 +2,7 @@ r"""The one entry point: run the trainer a config names, here or on a SLURM clus
 
   python -m launch.main --config=configs/NAME.py[:VARIANT] --workdir=DIR [--config.x.y=V ...]
   python -m launch.main --config=... --workdir=DIR --slurm_partition=gpu --slurm_nodes=2 --slurm_gpus_per_node=4
+  python -m launch.main --config=... --workdir=DIR --submit=local --wait   # the submitit path, without a cluster
 
 ``config.trainer`` is the module path of the trainer (e.g. ``mema_jax.trainers.classifier``); it
 must define ``train_and_evaluate(config, workdir)``.  Overrides are checked against the config:
@@ -22,7 +23,11 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/quickstart.py:local.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
-_SLURM_PARTITION = flags.DEFINE_string("slurm_partition", None, "Submit to this SLURM partition instead of running here.")
+_SUBMIT = flags.DEFINE_enum("submit", None, ["slurm", "local"],
+                            "Submit through submitit instead of running here: 'slurm', or 'local' (a submitit job "
+                            "on this machine, same code path, for trying a submission without a cluster).")
+_WAIT = flags.DEFINE_bool("wait", False, "With --submit: wait for the job and print its result.")
+_SLURM_PARTITION = flags.DEFINE_string("slurm_partition", None, "SLURM partition (implies --submit=slurm).")
 _SLURM_NODES = flags.DEFINE_integer("slurm_nodes", 1, "SLURM nodes.")
 _SLURM_GPUS = flags.DEFINE_integer("slurm_gpus_per_node", 1, "GPUs (= tasks) per node.")
 _SLURM_HOURS = flags.DEFINE_float("slurm_hours", 24.0, "SLURM time limit in hours.")
@@ -50,22 +55,29 @@ def _is_multiprocess() -> bool:
     return int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "JAX_COORDINATOR_ADDRESS" in os.environ
 
 
-def submit_slurm(config, workdir: str):
+def submit(config, workdir: str, cluster: str):
+    """Submits ``run(config, workdir)`` through submitit: one task per GPU on SLURM."""
     import submitit
 
-    executor = submitit.AutoExecutor(folder=os.path.join(workdir, "slurm"))
-    executor.update_parameters(
-        slurm_partition=_SLURM_PARTITION.value,
-        nodes=_SLURM_NODES.value,
-        tasks_per_node=_SLURM_GPUS.value,
-        gpus_per_node=_SLURM_GPUS.value,
-        cpus_per_task=_SLURM_CPUS.value,
-        timeout_min=int(_SLURM_HOURS.value * 60),
-        name=os.path.basename(os.path.abspath(workdir)),
-        **({"slurm_account": _SLURM_ACCOUNT.value} if _SLURM_ACCOUNT.value else {}),
-    )
+    executor = submitit.AutoExecutor(folder=os.path.join(workdir, "submitit"), cluster=cluster)
+    common = dict(timeout_min=int(_SLURM_HOURS.value * 60), name=os.path.basename(os.path.abspath(workdir)))
+    if cluster == "slurm":
+        executor.update_parameters(
+            slurm_partition=_SLURM_PARTITION.value,
+            nodes=_SLURM_NODES.value,
+            tasks_per_node=_SLURM_GPUS.value,
+            gpus_per_node=_SLURM_GPUS.value,
+            cpus_per_task=_SLURM_CPUS.value,
+            **({"slurm_account": _SLURM_ACCOUNT.value} if _SLURM_ACCOUNT.value else {}),
+            **common,
+        )
+    else:
+        executor.update_parameters(tasks_per_node=1, nodes=1, gpus_per_node=0, **common)
     job = executor.submit(run, config, workdir)
-    print(json.dumps({"job_id": job.job_id, "workdir": workdir, "logs": str(executor.folder)}))
+    print(json.dumps({"job_id": job.job_id, "cluster": cluster, "workdir": workdir, "logs": str(executor.folder)}),
+          flush=True)
+    if _WAIT.value:
+        print(json.dumps({"job_id": job.job_id, "result": job.result()}, default=str), flush=True)
     return job
 
 
@@ -80,8 +92,9 @@ def main(argv):
     if "trainer" not in config:
         raise app.UsageError(f"{flags.FLAGS['config'].config_filename}: the config has no 'trainer' entry")
     logging.info("config:\n%s", config)
-    if _SLURM_PARTITION.value:
-        submit_slurm(config, _WORKDIR.value)
+    cluster = _SUBMIT.value or ("slurm" if _SLURM_PARTITION.value else None)
+    if cluster:
+        submit(config, _WORKDIR.value, cluster)
     else:
         run(config, _WORKDIR.value)
 
