@@ -5,9 +5,8 @@ import sys
 
 import pytest
 from absl import flags
-from ml_collections import config_flags
-
 from conftest import REPO
+from ml_collections import config_flags
 
 CONFIG_FILES = sorted(p for p in (REPO / "configs").glob("*.py") if p.name not in ("__init__.py", "common.py"))
 

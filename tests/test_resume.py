@@ -7,7 +7,6 @@ import sys
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-
 from conftest import REPO
 
 TOTAL_STEPS = 40

@@ -79,7 +79,7 @@ def _setup(mesh_sizes, *, accum_steps=1, ema_decay=None, batch_size=8, seed=3, m
     batch = {"image": rng.uniform(-1, 1, shapes["image"]).astype(np.float32),
              "label": rng.integers(0, 8, batch_size).astype(np.int32),
              "severity": rng.integers(min_severity, 3, batch_size).astype(np.int32)}
-    put = lambda b: {k: jax.device_put(v, batch_shardings[k]) for k, v in b.items()}  # noqa: E731
+    put = lambda b: {k: jax.device_put(v, batch_shardings[k]) for k, v in b.items()}
     return spec, step, batch, put, mesh
 
 

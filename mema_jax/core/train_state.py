@@ -10,7 +10,8 @@ Every trainer (the MeMa classifier and diffusion trainers, MedSem-DeID) builds o
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
@@ -30,7 +31,7 @@ class Precision:
     compute_dtype: Any = jnp.bfloat16
 
     @classmethod
-    def from_config(cls, cfg) -> "Precision":
+    def from_config(cls, cfg) -> Precision:
         return cls(param_dtype=jnp.dtype(cfg.param_dtype), compute_dtype=jnp.dtype(cfg.compute_dtype))
 
 

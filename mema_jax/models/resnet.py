@@ -5,7 +5,8 @@ medical-encoder baseline (the paper's Tab. 10 compares supervised encoders).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax.numpy as jnp
 from flax import linen as nn
