@@ -1,0 +1,58 @@
+"""Dense and convolution layers with logical axis names on their parameters.
+
+They are plain flax ``nn.Dense`` / ``nn.Conv`` (so a parameter sits at ``<name>/kernel`` and
+``<name>/bias``); only the initializers are wrapped to carry the names the sharding rules use.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+CONV_KERNEL_AXES = ("conv_h", "conv_w", "conv_in", "conv_out")
+
+
+def dense(
+    features: int,
+    axes: tuple[str, str],
+    *,
+    use_bias: bool = True,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    name: str | None = None,
+) -> nn.Dense:
+    """A Dense layer whose kernel has logical names ``axes`` (in, out) and bias ``(axes[1],)``."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)),
+        name=name,
+    )
+
+
+def conv2d(
+    features: int,
+    kernel_size: int = 3,
+    *,
+    stride: int = 1,
+    padding: int = 1,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    name: str | None = None,
+) -> nn.Conv:
+    """A 2-D NHWC convolution with torch-style symmetric integer padding."""
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), CONV_KERNEL_AXES),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+        name=name,
+    )
