@@ -104,3 +104,17 @@ def test_generate_refuses_to_overwrite_an_existing_dataset(tmp_path):
     with pytest.raises(FileExistsError, match="labels.csv"):
         synth.generate(tmp_path, synth.SynthSpec(num_images=12, images_per_identity=2, resolution=32))
     assert (tmp_path / layout.LABELS_FILE).read_bytes() == before
+
+
+def test_a_folder_rendered_from_another_spec_is_refused_not_reused(tmp_path):
+    from ml_collections import ConfigDict
+
+    from mema_jax.data import pipeline
+
+    spec = synth.SynthSpec(num_images=8, images_per_identity=2, resolution=32)
+    synth.generate(tmp_path, spec)
+    asked = ConfigDict({"num_images": 8, "images_per_identity": 2, "resolution": 32, "seed": 0})
+    assert len(pipeline.ensure_dataset(tmp_path, asked)) == 8
+    asked.num_images = 12
+    with pytest.raises(ValueError, match="synth_spec.json: this folder was rendered with another spec"):
+        pipeline.ensure_dataset(tmp_path, asked)

@@ -124,7 +124,7 @@ def ensure_dataset(root, synth_config=None, *, verify_images: bool = True) -> la
     Only process 0 renders; the others wait for the labels table (which is written last).
     """
     root = Path(root)
-    if not (root / layout.LABELS_FILE).exists() and synth_config is not None:
+    if synth_config is not None:
         from mema_jax.data import synth
 
         spec = synth.SynthSpec(
@@ -133,6 +133,8 @@ def ensure_dataset(root, synth_config=None, *, verify_images: bool = True) -> la
             resolution=synth_config.resolution,
             seed=synth_config.seed,
         )
+        synth.check_spec(root, spec)
+    if not (root / layout.LABELS_FILE).exists() and synth_config is not None:
         if jax.process_index() == 0:
             print(f"rendering MeMa-Synth ({spec.num_images} images, {spec.resolution}px) into {root}", flush=True)
             synth.generate(root, spec, workers=min(os.cpu_count() or 1, 8))

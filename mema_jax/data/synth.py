@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import multiprocessing
 import os
@@ -37,6 +38,7 @@ from mema_jax.data import layout
 
 SEVERITY_SCALE = {"slight": 0.4, "mid": 0.7, "heavy": 1.0}
 MASK_DISEASES = ("BCC", "SCC")
+SPEC_FILE = "synth_spec.json"  # the spec a MeMa-Synth folder was rendered from
 RESOLUTIONS = (64, 128, 256)
 
 
@@ -63,6 +65,25 @@ class SynthSpec:
             raise ValueError("female_fraction must lie in [0, 1]")
         if len(self.split_weights) != len(layout.SPLITS):
             raise ValueError(f"split_weights needs {len(layout.SPLITS)} weights")
+
+
+def spec_dict(spec: SynthSpec) -> dict:
+    d = dataclasses.asdict(spec)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def check_spec(root, spec: SynthSpec) -> None:
+    """Raises if ``root`` holds MeMa-Synth rendered from another spec (so a config change is not
+    silently trained on stale data)."""
+    path = Path(root) / SPEC_FILE
+    if not path.exists():
+        return
+    have = json.loads(path.read_text())
+    want = spec_dict(spec)
+    diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+    if diff:
+        raise ValueError(f"{path}: this folder was rendered with another spec (have, asked): {diff}; "
+                         f"choose another data.root or delete the folder")
 
 
 def allocate(total: int, weights: Sequence[float]) -> np.ndarray:
@@ -424,6 +445,7 @@ def generate(root, spec: SynthSpec, *, workers: int = 1, overwrite: bool = False
     else:
         parts = [_write_chunk(ch) for ch in chunks]
     records = [rec for part in parts for rec in part]
+    layout.atomic_write_bytes(root / SPEC_FILE, json.dumps(spec_dict(spec), indent=2).encode())
     layout.write_labels(root, records)
     return layout.read_dataset(root, verify_images=False)
 
