@@ -41,7 +41,7 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, recall_score
 from transformers import Dinov2ForImageClassification
 
-from eval.medical._atomic import atomic_file, atomic_folder
+from mema_jax.fileio import atomic_file, atomic_folder
 from mema_jax.data.layout import DISEASES, MeMaDataset, Record, read_dataset
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from eval.medical._atomic import atomic_folder
+from mema_jax.fileio import atomic_folder
 from mema_jax.data.layout import LABELS_FILE, MeMaFormatError, read_dataset, write_png
 
 CHANNEL_NAMES = {"0": "R", "1": "G", "2": "B"}

@@ -17,13 +17,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from mema_jax.fileio import atomic_write_bytes  # noqa: F401  (re-exported for writers of the layout)
 
 DISEASES = ("Normal", "BCC", "Conj", "Uveitis", "Ptosis", "SCC", "Strab", "TAO")
 SEVERITIES = ("slight", "mid", "heavy")
@@ -170,21 +170,6 @@ def read_dataset(root, *, verify_images: bool = True) -> MeMaDataset:
         elif not (root / rec.image).is_file():
             raise MeMaFormatError(f"{root / rec.image}: image file is missing (listed at {where})")
     return MeMaDataset(root, records)
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` via a temp file in the same folder and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_png(path, array: np.ndarray) -> None:

@@ -16,7 +16,7 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
@@ -25,6 +25,7 @@ import numpy as np
 from flax import linen as nn
 
 from mema_jax.core import sharding as sharding_lib
+from mema_jax.fileio import atomic_file, atomic_write_bytes
 
 
 class WeightsError(ValueError):
@@ -208,34 +209,14 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
     """Writes a .safetensors file atomically (temp file in the same folder, then os.replace)."""
     from safetensors.numpy import save_file
 
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
     arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(arrays, tmp, metadata=dict(metadata) if metadata else None)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_file(Path(path)) as tmp:
+        save_file(arrays, os.fspath(tmp), metadata=dict(metadata) if metadata else None)
 
 
 def write_json(path: str | os.PathLike, obj: Any):
     """Writes a JSON file atomically (used for config.json beside the weights)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 # ----------------------------------------------------------------------------------------------

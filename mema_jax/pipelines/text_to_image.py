@@ -17,9 +17,9 @@ import argparse
 import dataclasses
 import functools
 import os
-import tempfile
 from collections.abc import Sequence
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -28,6 +28,7 @@ import numpy as np
 from flax import linen as nn
 
 from mema_jax.core import sharding
+from mema_jax.fileio import atomic_file
 from mema_jax.models.convert_clip import load_clip_text, load_tokenizer, tokenize
 from mema_jax.models.convert_unet import load_unet
 from mema_jax.models.convert_vae import load_vae
@@ -192,17 +193,8 @@ def write_png(path: str, image: np.ndarray) -> None:
     """Writes one uint8 (H, W, 3) image atomically (temp file in the same folder, then os.replace)."""
     from PIL import Image
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_file(Path(path)) as tmp:
         Image.fromarray(image).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def output_paths(out: str, count: int) -> list[str]:

@@ -1,4 +1,9 @@
-"""Atomic outputs: a file or a whole folder appears complete or not at all."""
+"""Atomic outputs: a file or a whole folder appears complete or not at all.
+
+Every writer in the project (datasets, weights, images, reports, checkpoints' side files) goes
+through these, so a crash never leaves a half-written output and never clobbers an input.
+Pure Python: the eval bridge uses it too.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -42,3 +47,9 @@ def atomic_file(final: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` via a temp file in the same folder and os.replace."""
+    with atomic_file(Path(path)) as tmp:
+        tmp.write_bytes(data)
