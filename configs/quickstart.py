@@ -40,7 +40,7 @@ def get_config(arg=None):
 
     # Four stages down to 8x8: the eye-region signs need the receptive field more than the width.
     c.model = ml_collections.ConfigDict({"widths": (16, 32, 64, 128), "blocks_per_stage": 1, "groups": 8,
-                                         "remat": False})
+                                         "remat": "none"})
     c.optim = ml_collections.ConfigDict(
         {"lr": 3e-3, "b1": 0.9, "b2": 0.99, "weight_decay": 1e-4, "warmup_steps": 50, "grad_clip": 1.0})
     # fp32 compute on CPU: XLA:CPU has no fast bf16 matmul, and exact reruns make resume checks bitwise.

@@ -27,6 +27,7 @@ from mema_jax.core.sharding import constrain
 from mema_jax.models.layers.attention import ATTENTION_IMPLS, dot_product_attention
 from mema_jax.models.layers.linear import CONV_KERNEL_AXES, dense
 from mema_jax.models.layers.norm import LayerNorm
+from mema_jax.models.layers.remat import remat_block
 
 TOKEN_AXES = ("act_batch", "act_length", "act_embed")
 ACTIVATIONS = ("quick_gelu", "gelu")
@@ -200,13 +201,13 @@ class CLIPEncoder(nn.Module):
 
     config: Any
     attention_impl: str = "xla"
-    remat: bool = False
+    remat: str = "none"  # mema_jax.models.layers.remat.REMAT_POLICIES
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, mask=None, output_hidden_states: bool = False):
-        layer_class = nn.remat(CLIPEncoderLayer) if self.remat else CLIPEncoderLayer
+        layer_class = remat_block(CLIPEncoderLayer, self.remat)
         hidden_states = [x]
         for i in range(self.config.num_hidden_layers):
             x = layer_class(self.config, self.attention_impl, self.dtype, self.param_dtype, name=f"layers_{i}")(x, mask)
@@ -247,7 +248,7 @@ class CLIPTextModel(nn.Module):
 
     config: CLIPTextConfig
     attention_impl: str = "xla"
-    remat: bool = False
+    remat: str = "none"  # mema_jax.models.layers.remat.REMAT_POLICIES
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -288,7 +289,7 @@ class CLIPVisionModelWithProjection(nn.Module):
 
     config: CLIPVisionConfig
     attention_impl: str = "xla"
-    remat: bool = False
+    remat: str = "none"  # mema_jax.models.layers.remat.REMAT_POLICIES
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 

@@ -106,7 +106,7 @@ def text_params_from_state_dict(module: CLIPTextModel, flat, *, source: str, mes
 
 
 def load_clip_text(folder: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                   mesh=None, rules=None, attention_impl: str = "xla", remat: bool = False):
+                   mesh=None, rules=None, attention_impl: str = "xla", remat: str = "none"):
     """A transformers ``CLIPTextModel`` folder -> (CLIPTextModel module, params).
 
     ``dtype`` is the compute dtype, ``param_dtype`` the dtype the weights are held in.  With
@@ -120,7 +120,7 @@ def load_clip_text(folder: str | os.PathLike, *, dtype: Any = jnp.float32, param
 
 
 def load_clip_vision(folder: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                     mesh=None, rules=None, attention_impl: str = "xla", remat: bool = False):
+                     mesh=None, rules=None, attention_impl: str = "xla", remat: str = "none"):
     """A transformers ``CLIPVisionModelWithProjection`` folder -> (module, params)."""
     folder = os.fspath(folder)
     config = CLIPVisionConfig.from_dict(_read_config(folder), source=os.path.join(folder, "config.json"))

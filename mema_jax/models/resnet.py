@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mema_jax.core.sharding import constrain
+from mema_jax.models.layers.remat import remat_block
 
 CONV_AXES = ("conv_h", "conv_w", "conv_in", "conv_out")
 
@@ -58,7 +59,7 @@ class ResNetClassifier(nn.Module):
     blocks_per_stage: int = 1
     heads: tuple[tuple[str, int], ...] = (("disease", 8),)
     groups: int = 8
-    remat: bool = False
+    remat: str = "none"  # mema_jax.models.layers.remat.REMAT_POLICIES
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -66,7 +67,7 @@ class ResNetClassifier(nn.Module):
     def __call__(self, images, *, return_features: bool = False):
         x = images.astype(self.dtype)
         x = conv(self.widths[0], 3, 1, self.dtype, self.param_dtype, name="stem")(x)
-        block_cls = nn.remat(ResidualBlock) if self.remat else ResidualBlock
+        block_cls = remat_block(ResidualBlock, self.remat)
         for stage, width in enumerate(self.widths):
             for b in range(self.blocks_per_stage):
                 stride = 2 if (b == 0 and stage > 0) else 1

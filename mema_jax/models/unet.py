@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Sequence
 
-import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -17,14 +16,15 @@ from mema_jax.core.sharding import constrain
 from mema_jax.models.layers.attention import ATTENTION_IMPLS
 from mema_jax.models.layers.embeddings import TimestepEmbedding, timestep_embedding
 from mema_jax.models.layers.linear import conv2d
+from mema_jax.models.layers import remat as layers_remat
 from mema_jax.models.layers.norm import GroupNorm
+from mema_jax.models.layers.remat import REMAT_POLICIES  # noqa: F401  (the UNet's accepted policies)
 from mema_jax.models.layers.resnet import IMAGE_AXES, Downsample2D, ResnetBlock2D, Upsample2D
 from mema_jax.models.layers.transformer import Transformer2D
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", None)
-REMAT_POLICIES = ("none", "full", "dots")
 
 # Options SD1.x/SD2.x configs leave at these values; anything else is not implemented here.
 _FIXED_OPTIONS = {
@@ -201,12 +201,7 @@ def _thaw(v):
 
 def remat_block(cls, policy: str):
     """The block class itself, or wrapped in nn.remat (``deterministic`` is positional arg 3)."""
-    if policy not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat policy {policy!r}; choose one of {REMAT_POLICIES}")
-    if policy == "none":
-        return cls
-    saveable = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy == "dots" else None
-    return nn.remat(cls, policy=saveable, static_argnums=(3,))
+    return layers_remat.remat_block(cls, policy, static_argnums=(3,))
 
 
 @dataclasses.dataclass(frozen=True)
