@@ -52,8 +52,7 @@ CLASSIFIER_INFO_FILE = "mema_classifier.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 BACKBONE_SOURCE = (
     "a DINOv2 backbone saved as a local transformers folder, e.g. the Hugging Face model facebook/dinov2-base "
-    "(fetched on a machine with internet access by `huggingface-cli download facebook/dinov2-base --local-dir DIR` "
-    "or Dinov2Model.from_pretrained('facebook/dinov2-base').save_pretrained(DIR))"
+    "(fetched on a machine with internet access by `huggingface-cli download facebook/dinov2-base --local-dir DIR`)"
 )
 
 
