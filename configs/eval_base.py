@@ -15,6 +15,11 @@ Entries:
   identity.models.<name>       weights ('' = left out, except dlib whose files ship), match_threshold (None = rank-1)
   identity.gallery             folder of <identity>/ photos for Tab. 6 ('' = leave-one-out over the originals)
   identity.pairs               file_x,file_y,Decision csv for the verification check ('' = left out)
+  leakage.rows.<row>           generated (folder of generated images or MeMa root) or method (name of a method of
+                               this report: its deid/ images, features reused), one of the two (Tab. 1)
+  leakage.gallery              the real patients: folder of <identity>/ photos or MeMa root with identities (Tab. 1);
+                               threshold per model: identity.models.<name>.match_threshold, else the best threshold
+                               on identity.pairs, else that model is left out of Tab. 1 with a note
   reconstruction               lpips_backbone (torchvision alexnet-owt-7be5be79.pth), lpips_net
   medical                      classifier (eval.medical.classification output), segmentation_truth (nnU-Net labelsTs)
   agreement.diagnoses_original image,diagnosis csv of the originals (Tab. 4)
@@ -38,6 +43,10 @@ def method(folder: str, reversible: bool = False) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({"dir": folder, "reversible": reversible})
 
 
+def leakage_row(generated: str = "", method: str = "") -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({"generated": generated, "method": method})
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.originals = ml_collections.ConfigDict({"root": "", "split": ""})
@@ -56,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
         "pairs": "",
         "pairs_max_side": 1024,
     })
+    c.leakage = ml_collections.ConfigDict({"gallery": "", "rows": ml_collections.ConfigDict()})
     c.reconstruction = ml_collections.ConfigDict({"lpips_backbone": "", "lpips_net": "alex"})
     c.medical = ml_collections.ConfigDict({"classifier": "", "segmentation_truth": ""})
     c.agreement = ml_collections.ConfigDict({"diagnoses_original": ""})

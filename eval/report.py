@@ -8,6 +8,7 @@ and the models and weight files of each metric. Paths are relative to the curren
 
 Writes into DIR:
   tables.md                    every table, each with note lines saying what was left out and why
+  tab1_leakage.csv             Tab. 1: identity-leakage percentage of generated images per identity model, Average
   tab2_wasserstein.csv         Tab. 2: W1 between two label sets (disease, age, gender)
   tab3_medical.csv             Tab. 3: disease accuracy (per class, All, Top1), segmentation Dice/Jaccard
   tab4_kappa.csv               Tab. 4: Cohen's kappa of diagnoses on original vs de-identified images
@@ -46,9 +47,9 @@ from ml_collections import config_flags
 from eval import grid, inputs, landmarks, reference_methods
 from eval.agreement import cohen_kappa, label_distribution_distances
 from eval.gaze import GazeEstimator, angle_difference
-from eval.identity import load_identity_model
+from eval.identity import face_found, load_identity_model
 from eval.identity.evaluate import read_pairs_csv, verify_pairs
-from eval.identity.metrics import face_matching_rate, id_distance
+from eval.identity.metrics import best_threshold, face_matching_rate, id_distance, identity_leakage_rate
 from eval.inputs import ImagePair, InputMismatchError, Originals, load_rgb
 from eval.medical.segmentation import score_mask_folders
 from eval.reconstruction import LPIPS, psnr
@@ -75,6 +76,10 @@ def _number(digits: int) -> Callable[[float], str]:
 
 def _percent(v: float) -> str:
     return f"{100 * v:.2f}%"
+
+
+def _percent_value(v: float) -> str:
+    return f"{v:.2f}%"   # values already in percent (Tab. 1, as the paper prints it)
 
 
 def _text(v) -> str:
@@ -228,13 +233,13 @@ def _build_tools(config, originals: Originals) -> Tools:
     if config.identity.models:
         for name, entry in sorted(config.identity.models.items()):
             if not entry.weights and name != "dlib":
-                for key in ("tab5", "tab6", "tab8", "verification"):
+                for key in ("tab1", "tab5", "tab6", "tab8", "verification"):
                     tools.note(key, f"{name} left out: no weights configured (config.identity.models.{name}.weights).")
                 continue
             tools.identity[name] = load_identity_model(name, entry.weights or None, device=config.device,
                                                        detector=config.identity.detector)
     else:
-        for key in ("tab5", "tab6", "tab8"):
+        for key in ("tab1", "tab5", "tab6", "tab8"):
             tools.note(key, "identity metrics left out: config.identity.models is empty.")
     if config.reconstruction.lpips_backbone:
         tools.lpips = LPIPS(config.reconstruction.lpips_backbone, net=config.reconstruction.lpips_net,
@@ -415,6 +420,129 @@ def _matching_rates(gallery: Gallery, originals: Originals, outputs: OutputScore
     return rates
 
 
+# ------------------------------------------------------------------------------- Tab. 1: leakage
+
+@dataclasses.dataclass
+class LeakageInputs:
+    gallery: Originals | None   # the real patients
+    rows: list                  # (row name, Originals of a generated folder or None, method name or None)
+
+
+def _leakage_inputs(config, method_names: list[str]) -> LeakageInputs:
+    """Lists Tab. 1's folders (no decoding), so a wrong entry stops the run before anything slow."""
+    if not config.leakage.rows:
+        return LeakageInputs(None, [])
+    if not config.leakage.gallery:
+        raise ReportConfigError("config.leakage.rows is set but config.leakage.gallery is empty; give the real "
+                                "patients' photos (<identity>/ sub-folders, or a MeMa root with an identity column)")
+    gallery = inputs.read_originals(config.leakage.gallery)
+    if not all(g.identity for g in gallery):
+        raise ReportConfigError(f"config.leakage.gallery {config.leakage.gallery}: gallery images must sit in "
+                                "<identity>/ sub-folders (or a MeMa root with an identity column)")
+    rows = []
+    for name, entry in sorted(config.leakage.rows.items()):
+        generated, method_name = entry.get("generated", ""), entry.get("method", "")
+        if bool(generated) == bool(method_name):
+            raise ReportConfigError(f"config.leakage.rows.{name}: set exactly one of generated (a folder of images) "
+                                    f"and method (a method of this report); got {generated!r} and {method_name!r}")
+        if method_name and method_name not in method_names:
+            raise ReportConfigError(f"config.leakage.rows.{name}.method: {method_name!r} is not a method of this "
+                                    f"report ({', '.join(sorted(method_names))})")
+        rows.append((name, inputs.read_originals(generated) if generated else None, method_name or None))
+    return LeakageInputs(gallery, rows)
+
+
+def _leakage_thresholds(config, models: list[str], pair_results: dict, notes: list[str]) -> dict:
+    """Each model's decision threshold: the configured one, else the best one on the pairs file, else none."""
+    thresholds = {}
+    for model in models:
+        configured = config.identity.models[model].match_threshold
+        result = pair_results.get(model)
+        if configured is not None:
+            thresholds[model] = float(configured)
+        elif result is not None and (~np.isnan(result.distances)).any():
+            same = np.array([p.same for p in read_pairs_csv(config.identity.pairs)])
+            ok = ~np.isnan(result.distances)
+            thresholds[model] = best_threshold(result.distances[ok], same[ok])
+            notes.append(f"{model}: no match_threshold configured; using {thresholds[model]:.4f}, the threshold "
+                         f"that best separates the {int(ok.sum())} pairs of {config.identity.pairs} with faces "
+                         "(same person iff distance <= threshold, chosen on all pairs).")
+        else:
+            why = "its pairs have no face" if result is not None else "config.identity.pairs is empty"
+            notes.append(f"{model} left out: no decision threshold (config.identity.models.{model}.match_threshold "
+                         f"unset and {why}).")
+    return thresholds
+
+
+def _embed_folder(images: Originals, tools: Tools, models: list[str], batch: int, known: dict | None = None,
+                  base: OriginalScores | None = None) -> dict:
+    """Features of a folder's images, each with its own face detection; images found in ``known``
+    (path -> originals row) take the originals' features instead of being embedded again."""
+    known = known or {}
+    rows = [known.get(item.path.resolve()) for item in images]
+    features = {m: np.full((len(images), tools.identity[m].dim), np.nan, np.float32) for m in models}
+    reused = [i for i, r in enumerate(rows) if r is not None]
+    for m in models:
+        if reused:
+            features[m][reused] = base.features[m][[rows[i] for i in reused]]
+    for chunk in _chunks([i for i, r in enumerate(rows) if r is None], batch):
+        loaded = [load_rgb(images.items[i].path) for i in chunk]
+        for m in models:
+            features[m][chunk] = tools.identity[m].embed(loaded)
+    return features
+
+
+def _leakage_table(config, leakage: LeakageInputs, originals: Originals, base: OriginalScores, tools: Tools,
+                   pair_results: dict, method_features: dict) -> Table:
+    table = Table("tab1_leakage", "Tab. 1: identity leakage of generated images (% whose nearest real patient is "
+                  "within the threshold; lower = better)", ["Row"], [_text])
+    if not leakage.rows:
+        table.notes.append("left out: no rows configured (config.leakage.rows.<row> = {generated or method}, "
+                           "config.leakage.gallery).")
+        return table
+    if not tools.identity:
+        return table   # the tools' note says why
+    thresholds = _leakage_thresholds(config, sorted(tools.identity), pair_results, table.notes)
+    models = sorted(thresholds)
+    if not models:
+        table.notes.append("no identity model has a decision threshold: nothing to score.")
+        return table
+    table.columns += [*models, "Average"]
+    table.formats += [_percent_value] * (len(models) + 1)
+    # The real-photo config's gallery is its originals' folder: those photos are embedded already.
+    known = {o.path.resolve(): i for i, o in enumerate(originals)}
+    gallery_features = _embed_folder(leakage.gallery, tools, models, config.batch_size, known, base)
+    gallery_ids = [g.identity for g in leakage.gallery]
+    sizes = []
+    for name, generated, method_name in leakage.rows:
+        if method_name:
+            features = method_features[method_name]
+            sizes.append(f"{name} = method {method_name} ({len(originals)} de-identified images)")
+        else:
+            features = _embed_folder(generated, tools, models, config.batch_size)
+            sizes.append(f"{name} = {generated.root} ({len(generated)} images)")
+        values = []
+        for model in models:
+            match = identity_leakage_rate(features[model], gallery_features[model], gallery_ids, thresholds[model])
+            values.append(100 * match.rate)
+            if match.n_skipped:
+                table.notes.append(f"{name}, {model}: {match.n_skipped} of {match.n_skipped + match.n_queries} "
+                                   "generated images without a face, left out of the percentage.")
+        table.rows.append([name, *values, _nanmean(values)[0]])
+    for model in models:
+        faceless = int((~face_found(gallery_features[model])).sum())
+        if faceless:
+            table.notes.append(f"gallery, {model}: {faceless} of {len(gallery_ids)} photos without a face left out.")
+    how = ("embedded at the face found on its original" if config.identity.faces_from_originals
+           else "with its own face detection")
+    table.notes.append(f"gallery {config.leakage.gallery} ({len(gallery_ids)} photos of {len(set(gallery_ids))} "
+                       f"people); rows: {'; '.join(sizes)}. Generated folders use each model's own face detection; "
+                       f"a method's de-identified image is {how} (as in Tab. 5). Thresholds (distance of "
+                       f"L2-normalised features): {', '.join(f'{m} {t:.4f}' for m, t in thresholds.items())}. "
+                       "Average = mean over the models present.")
+    return table
+
+
 def _read_diagnoses(path: Path, names: Sequence[str]) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: diagnoses file not found (columns image,diagnosis)")
@@ -439,12 +567,15 @@ def run(config, out_dir) -> dict[str, Table]:
     if config.max_images:
         originals = dataclasses.replace(originals, items=originals.items[:config.max_images])
     users = _user_methods(config, originals)
+    leakage = _leakage_inputs(config, [*config.reference_methods.keys(), *(m.name for m in users)])
     tools = _build_tools(config, originals)   # a missing weight file stops the run here, before slow work
     references = _prepare_reference_methods(config, originals, out_dir)
     _match_outputs(references, originals)
     methods = references + users
     base = _score_originals(originals, tools, config.batch_size)
     gallery = _build_gallery(config, originals, base, tools)
+    pair_results = _verify_pairs(config, tools)
+    method_features = {}   # method -> identity model -> (N, D): Tab. 1 rows that name a method reuse them
     models = sorted(tools.identity)
     classes = list(tools.classifier.classes) if tools.classifier else []
 
@@ -473,6 +604,7 @@ def run(config, out_dir) -> dict[str, Table]:
         t0 = time.time()
         rev = "yes" if method.reversible else "no"
         outputs = _score_outputs(method.deid, base, tools, config, reconstruction=False)
+        method_features[method.name] = outputs.features
         id_dis = _id_distances(base, outputs, method.deid)
         for model, dist in id_dis.items():
             if dist.n_skipped:
@@ -522,7 +654,9 @@ def run(config, out_dir) -> dict[str, Table]:
         logging.warning("scored %s in %.0f s", method.name, time.time() - t0)
 
     _finish_notes(tools, base, originals, gallery, config, tab3, tab4, tab5, tab6, tab7, tab8, kappa_rows)
-    tables = [_label_distance_table(config), tab3, tab4, tab5, tab6, tab7, tab8, _verification_table(config, tools)]
+    tab1 = _leakage_table(config, leakage, originals, base, tools, pair_results, method_features)
+    tables = [tab1, _label_distance_table(config), tab3, tab4, tab5, tab6, tab7, tab8,
+              _verification_table(config, pair_results)]
     for table in tables:
         table.notes = tools.notes.get(table.key.split("_")[0], []) + table.notes
         _write_text(out_dir / f"{table.key}.csv", table.csv_text())
@@ -578,7 +712,16 @@ def _label_distance_table(config) -> Table:
     return table
 
 
-def _verification_table(config, tools: Tools) -> Table:
+def _verify_pairs(config, tools: Tools) -> dict:
+    """Each identity model on the pairs file (once: the verification table and Tab. 1's thresholds use it)."""
+    if not config.identity.pairs:
+        return {}
+    pairs = read_pairs_csv(config.identity.pairs)
+    return {name: verify_pairs(model, pairs, max_side=config.identity.pairs_max_side or None)
+            for name, model in sorted(tools.identity.items())}
+
+
+def _verification_table(config, pair_results: dict) -> Table:
     table = Table("verification", "Identity models on labelled pairs (LFW protocol, 10-fold threshold)",
                   ["Model", "Accuracy", "Std", "Pairs", "Skipped", "Mean dist same", "Mean dist different"],
                   [_text, _percent, _percent, _text, _text, _number(4), _number(4)])
@@ -586,10 +729,8 @@ def _verification_table(config, tools: Tools) -> Table:
         table.notes.append("left out: no pairs file configured "
                            "(config.identity.pairs, columns file_x,file_y,Decision).")
         return table
-    pairs = read_pairs_csv(config.identity.pairs)
-    same = np.array([p.same for p in pairs])
-    for name, model in sorted(tools.identity.items()):
-        result = verify_pairs(model, pairs, max_side=config.identity.pairs_max_side or None)
+    same = np.array([p.same for p in read_pairs_csv(config.identity.pairs)])
+    for name, result in sorted(pair_results.items()):
         v = result.verification
         table.rows.append([name, v.accuracy, v.accuracy_std, v.n_pairs, v.n_skipped,
                            _nanmean(result.distances[same])[0], _nanmean(result.distances[~same])[0]])

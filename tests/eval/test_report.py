@@ -15,7 +15,7 @@ import torchvision
 from PIL import Image
 from transformers import Dinov2Config, Dinov2Model
 
-from configs.eval_base import base_config, identity_model, method, reference
+from configs.eval_base import base_config, identity_model, leakage_row, method, reference
 from eval import report
 from eval.grid import LABEL_HEIGHT
 from eval.agreement import cohen_kappa, label_distribution_distances
@@ -99,6 +99,23 @@ def fixture(tmp_path_factory):
     c.label_distances["mema_vs_first_person"] = {"a": str(root), "b": str(other), "age_scale": 100.0}
     c.grid.num_examples = 2
     c.grid.cell_height = 64
+
+    # Tab. 1: copies of gallery photos (one not among the originals) must leak; other people and
+    # blank images must not. dlib's same-person threshold is ~0.6: 0.4 is strict but leaves copies at 0.
+    c.identity.models["dlib"].match_threshold = 0.4
+    copies, strangers = tmp / "copies", tmp / "strangers"
+    copies.mkdir()
+    for image_id in ("celeba_0_0", "celeba_0_1", "celeba_1_2"):   # celeba_0_0 is train: not an original
+        shutil.copy(root / "images" / f"{image_id}.png", copies / f"{image_id}.png")
+    strangers.mkdir()
+    for person in ("obama", "biden", "rose_leslie"):
+        shutil.copy(sorted((FACES / person).glob("*.jpg"))[0], strangers / f"{person}.jpg")
+    for k in range(2):
+        layout.write_png(strangers / f"blank_{k}.png", np.full((120, 100, 3), 128, np.uint8))
+    c.leakage.gallery = str(root)
+    c.leakage.rows["copies"] = leakage_row(generated=str(copies))
+    c.leakage.rows["strangers"] = leakage_row(generated=str(strangers))
+    c.leakage.rows["blur_method"] = leakage_row(method="blur")
     out = tmp / "out"
     return {"tmp": tmp, "root": root, "other": other, "toy": toy, "val": val, "records": records,
             "tables": report.run(c, out), "out": out}
@@ -107,9 +124,9 @@ def fixture(tmp_path_factory):
 def test_writes_markdown_csv_grid_and_per_image_files(fixture):
     out = fixture["out"]
     markdown = (out / "tables.md").read_text()
-    for title in ("Tab. 2", "Tab. 3", "Tab. 4", "Tab. 5", "Tab. 6", "Tab. 7", "Tab. 8", "labelled pairs"):
+    for title in ("Tab. 1", "Tab. 2", "Tab. 3", "Tab. 4", "Tab. 5", "Tab. 6", "Tab. 7", "Tab. 8", "labelled pairs"):
         assert f"## {title}" in markdown or title in markdown
-    for key in ("tab2_wasserstein", "tab3_medical", "tab4_kappa", "tab5_id_dis", "tab6_matching",
+    for key in ("tab1_leakage", "tab2_wasserstein", "tab3_medical", "tab4_kappa", "tab5_id_dis", "tab6_matching",
                 "tab7_landmark_gaze", "tab8_reversibility", "verification"):
         assert (out / f"{key}.csv").is_file()
     assert [r["Method"] for r in _read_csv(out / "tab5_id_dis.csv")] == ["blur", "toy"]
@@ -126,6 +143,76 @@ def test_unconfigured_weights_are_left_out_with_a_note(fixture):
     assert "facenet_vggface2 left out: no weights configured" in markdown
     assert "facenet_vggface2" not in _read_csv(fixture["out"] / "tab5_id_dis.csv")[0]
     assert "blur: no diagnoses.csv" in markdown
+
+
+def test_leakage_table_counts_copies_of_patients_and_not_strangers_or_blank_images(fixture):
+    rows = {r["Row"]: r for r in _read_csv(fixture["out"] / "tab1_leakage.csv")}
+    assert list(_read_csv(fixture["out"] / "tab1_leakage.csv")[0]) == ["Row", "dlib", "Average"]
+    assert set(rows) == {"copies", "strangers", "blur_method"}
+    assert float(rows["copies"]["dlib"]) == 100.0 and float(rows["copies"]["Average"]) == 100.0
+    assert float(rows["strangers"]["dlib"]) == 0.0
+    assert 0.0 <= float(rows["blur_method"]["dlib"]) <= 100.0
+    markdown = (fixture["out"] / "tables.md").read_text()
+    section = markdown.split("## Tab. 1")[1].split("\n## ")[0]
+    assert "| copies | 100.00% | 100.00% |" in section
+    assert "strangers, dlib: 2 of 5 generated images without a face" in section
+    assert "facenet_vggface2 left out: no weights configured" in section
+    assert "dlib 0.4000" in section
+
+
+def _leakage_run(tmp_path, pairs: Path | None) -> tuple[list[dict], str]:
+    """A small run whose dlib has no match_threshold: Tab. 1 needs the pairs file or leaves dlib out."""
+    photos = tmp_path / "photos"
+    for person in ("celeba_0", "celeba_1"):
+        (photos / person).mkdir(parents=True)
+        for path in sorted((FACES / person).glob("*.jpg"))[:3]:
+            shutil.copy(path, photos / person / path.name)
+    c = base_config()
+    c.originals.root = str(photos)
+    c.max_images = 2
+    c.landmarks.enabled = False
+    c.reference_methods["black"] = reference("mask", 1.0)
+    c.identity.models["dlib"] = identity_model()
+    c.identity.pairs = str(pairs) if pairs else ""
+    c.leakage.gallery = str(photos)
+    c.leakage.rows["copies"] = leakage_row(generated=str(photos / "celeba_1"))
+    c.grid.num_examples = 0
+    report.run(c, tmp_path / "out")
+    return _read_csv(tmp_path / "out" / "tab1_leakage.csv"), (tmp_path / "out" / "tables.md").read_text()
+
+
+def test_leakage_without_a_threshold_leaves_the_model_out_with_a_note(tmp_path):
+    rows, markdown = _leakage_run(tmp_path, None)
+    assert rows == []
+    section = markdown.split("## Tab. 1")[1].split("\n## ")[0]
+    assert "dlib left out: no decision threshold" in section and "config.identity.pairs is empty" in section
+    assert "| dlib |" not in section
+
+
+def test_leakage_threshold_comes_from_the_pairs_file_when_unset(tmp_path):
+    from eval.identity import load_identity_model
+    from eval.identity.metrics import best_threshold, id_distance
+    pairs_dir = tmp_path / "pairs"
+    pairs_dir.mkdir()
+    files = []
+    for person in ("celeba_2", "celeba_3"):
+        for path in sorted((FACES / person).glob("*.jpg"))[:4]:
+            shutil.copy(path, pairs_dir / f"{person}_{path.name}")
+            files.append(pairs_dir / f"{person}_{path.name}")
+    pairs = [(a, b) for i, a in enumerate(files) for b in files[i + 1:]][:14]
+    same = np.array([a.name.split("_")[1] == b.name.split("_")[1] for a, b in pairs])
+    (pairs_dir / "pairs.csv").write_text("file_x,file_y,Decision\n" + "".join(
+        f"{a.name},{b.name},{'Yes' if s else 'No'}\n" for (a, b), s in zip(pairs, same)))
+    dlib = load_identity_model("dlib")
+    features = {f: row for f, row in zip(files, dlib.embed([load_rgb(f) for f in files]))}
+    distances = id_distance(np.stack([features[a] for a, _ in pairs]), np.stack([features[b] for _, b in pairs]))
+    expected = best_threshold(distances.per_pair, same)
+
+    rows, markdown = _leakage_run(tmp_path, pairs_dir / "pairs.csv")
+    assert [r["Row"] for r in rows] == ["copies"] and float(rows[0]["dlib"]) == 100.0
+    section = markdown.split("## Tab. 1")[1].split("\n## ")[0]
+    assert f"dlib: no match_threshold configured; using {expected:.4f}" in section
+    assert f"dlib {expected:.4f}" in section
 
 
 def test_identity_and_landmark_columns_are_filled(fixture):
