@@ -118,19 +118,6 @@ def ldm_unet_key_map(abstract_params, config: UNetConfig, prefix: str = LDM_UNET
     return weights.renamed(unet_key_map(abstract_params, config), lambda k: prefix + rename_by_prefix(k, table, _LDM_RESNET_NAMES))
 
 
-def _read_config(path: str, config) -> dict[str, Any]:
-    if isinstance(config, Mapping):
-        return dict(config)
-    if config is None:
-        folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-        config = os.path.join(folder, "config.json")
-    try:
-        with open(config) as f:
-            return json.load(f)
-    except (OSError, ValueError) as err:
-        raise weights.WeightsError(f"{path}: cannot read the model config {config}: {err}") from err
-
-
 def abstract_unet_params(module: UNet2DConditionModel):
     n = len(module.config.block_out_channels)
     size = 2 ** n
@@ -153,20 +140,43 @@ def load_unet(path, *, config=None, dtype=jnp.float32, param_dtype=jnp.float32, 
     """-> (UNet2DConditionModel, params).  ``path``: a diffusers unet folder, or a weight file
     (diffusers or LDM names) with ``config`` (a dict or a config.json path; default: the
     config.json beside the file).  ``dtype``: compute dtype; ``param_dtype``: stored dtype."""
+    return load_component(
+        path, config, UNetConfig.from_dict,
+        lambda c: UNet2DConditionModel(c, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
+                                       remat=remat),
+        LDM_UNET_PREFIX, unet_params_from_state_dict, mesh=mesh, rules=rules)
+
+
+def load_component(path, config, parse_config, make_module, ldm_prefix: str, params_from_state_dict, *,
+                   mesh=None, rules=None):
+    """The loading steps every diffusers component shares: config -> module -> state dict (diffusers
+    names, or LDM names under ``ldm_prefix`` when the file has them) -> params."""
     path = os.fspath(path)
     try:
-        unet_config = UNetConfig.from_dict(_read_config(path, config))
+        model_config = parse_config(_read_config(path, config))
     except ValueError as err:
         if isinstance(err, weights.WeightsError):
             raise
         raise weights.WeightsError(f"{path}: {err}") from err
-    module = UNet2DConditionModel(unet_config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, remat=remat)
+    module = make_module(model_config)
     flat = weights.read_state_dict(path)
-    ldm_prefix = LDM_UNET_PREFIX if any(k.startswith(LDM_UNET_PREFIX) for k in flat) else None
-    if ldm_prefix is not None:
-        flat = {k: v for k, v in flat.items() if k.startswith(LDM_UNET_PREFIX)}
-    params = unet_params_from_state_dict(module, flat, source=path, mesh=mesh, rules=rules, ldm_prefix=ldm_prefix)
-    return module, params
+    prefix = ldm_prefix if any(k.startswith(ldm_prefix) for k in flat) else None
+    if prefix is not None:
+        flat = {k: v for k, v in flat.items() if k.startswith(prefix)}
+    return module, params_from_state_dict(module, flat, source=path, mesh=mesh, rules=rules, ldm_prefix=prefix)
+
+
+def _read_config(path: str, config) -> dict[str, Any]:
+    if isinstance(config, Mapping):
+        return dict(config)
+    if config is None:
+        folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        config = os.path.join(folder, "config.json")
+    try:
+        with open(config) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise weights.WeightsError(f"{path}: cannot read the model config {config}: {err}") from err
 
 
 def save_unet(folder, module: UNet2DConditionModel, params) -> None:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mema_jax.models import weights
-from mema_jax.models.convert_unet import _read_config, diffusers_key, rename_by_prefix
+from mema_jax.models.convert_unet import diffusers_key, load_component, rename_by_prefix
 from mema_jax.models.vae import AutoencoderKL, VAEConfig, init_params
 
 LDM_VAE_PREFIX = "first_stage_model."
@@ -103,20 +103,10 @@ def vae_params_from_state_dict(module: AutoencoderKL, flat: Mapping[str, np.ndar
 def load_vae(path, *, config=None, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl: str = "xla",
              remat: str = "none", mesh=None, rules=None):
     """-> (AutoencoderKL, params) from a diffusers vae folder or a weight file (+ ``config``)."""
-    path = os.fspath(path)
-    try:
-        vae_config = VAEConfig.from_dict(_read_config(path, config))
-    except ValueError as err:
-        if isinstance(err, weights.WeightsError):
-            raise
-        raise weights.WeightsError(f"{path}: {err}") from err
-    module = AutoencoderKL(vae_config, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, remat=remat)
-    flat = weights.read_state_dict(path)
-    ldm_prefix = LDM_VAE_PREFIX if any(k.startswith(LDM_VAE_PREFIX) for k in flat) else None
-    if ldm_prefix is not None:
-        flat = {k: v for k, v in flat.items() if k.startswith(LDM_VAE_PREFIX)}
-    params = vae_params_from_state_dict(module, flat, source=path, mesh=mesh, rules=rules, ldm_prefix=ldm_prefix)
-    return module, params
+    return load_component(
+        path, config, VAEConfig.from_dict,
+        lambda c: AutoencoderKL(c, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, remat=remat),
+        LDM_VAE_PREFIX, vae_params_from_state_dict, mesh=mesh, rules=rules)
 
 
 def save_vae(folder, module: AutoencoderKL, params) -> None:
