@@ -24,7 +24,7 @@ from flax import linen as nn
 from flax import struct
 
 from mema_jax.core.sharding import constrain
-from mema_jax.models.layers.attention import ATTENTION_IMPLS, dot_product_attention
+from mema_jax.models.layers.attention import check_attention_impl, dot_product_attention
 from mema_jax.models.layers.linear import CONV_KERNEL_AXES, dense
 from mema_jax.models.layers.norm import LayerNorm
 from mema_jax.models.layers.remat import remat_block
@@ -234,11 +234,6 @@ class CLIPVisionOutput:
     hidden_states: Any = None  # tuple: pre-LayerNorm'd embeddings, then each layer's output
 
 
-def _check_attention_impl(impl: str):
-    if impl not in ATTENTION_IMPLS:
-        raise ValueError(f"unknown attention implementation {impl!r}; choose one of {ATTENTION_IMPLS}")
-
-
 class CLIPTextModel(nn.Module):
     """``__call__(input_ids (B, L) int, attention_mask=None, output_hidden_states=False) -> CLIPTextOutput``.
 
@@ -254,7 +249,7 @@ class CLIPTextModel(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, output_hidden_states: bool = False):
-        _check_attention_impl(self.attention_impl)
+        check_attention_impl(self.attention_impl)
         c = self.config
         batch, length = input_ids.shape
         if length > c.max_position_embeddings:
@@ -295,7 +290,7 @@ class CLIPVisionModelWithProjection(nn.Module):
 
     @nn.compact
     def __call__(self, pixel_values, output_hidden_states: bool = False):
-        _check_attention_impl(self.attention_impl)
+        check_attention_impl(self.attention_impl)
         c = self.config
         batch, height, width, channels = pixel_values.shape
         if (height, width, channels) != (c.image_size, c.image_size, c.num_channels):

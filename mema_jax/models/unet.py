@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mema_jax.core.sharding import constrain
-from mema_jax.models.layers.attention import ATTENTION_IMPLS
+from mema_jax.models.layers.attention import check_attention_impl
 from mema_jax.models.layers.embeddings import TimestepEmbedding, timestep_embedding
 from mema_jax.models.layers.linear import conv2d
 from mema_jax.models.layers import remat as layers_remat
@@ -328,8 +328,7 @@ class UNet2DConditionModel(nn.Module):
 
     def setup(self):
         c = self.config
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"unknown attention implementation {self.attention_impl!r}; choose one of {ATTENTION_IMPLS}")
+        check_attention_impl(self.attention_impl)
         o = _BlockOptions(c.norm_num_groups, c.norm_eps, c.dropout, self.attention_impl, self.remat, self.dtype, self.param_dtype)
         kw = o.kw
         n = len(c.block_out_channels)

@@ -15,7 +15,7 @@ from flax import linen as nn
 from flax import struct
 
 from mema_jax.core.sharding import constrain
-from mema_jax.models.layers.attention import ATTENTION_IMPLS, SpatialSelfAttention
+from mema_jax.models.layers.attention import SpatialSelfAttention, check_attention_impl
 from mema_jax.models.layers.linear import conv2d
 from mema_jax.models.layers.norm import GroupNorm
 from mema_jax.models.layers.resnet import IMAGE_AXES, Downsample2D, ResnetBlock2D, Upsample2D
@@ -259,8 +259,7 @@ class AutoencoderKL(nn.Module):
 
     def setup(self):
         c = self.config
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"unknown attention implementation {self.attention_impl!r}; choose one of {ATTENTION_IMPLS}")
+        check_attention_impl(self.attention_impl)
         kw = dict(attention_impl=self.attention_impl, remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype)
         self.encoder = Encoder(c, **kw)
         self.decoder = Decoder(c, **kw)

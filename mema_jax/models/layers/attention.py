@@ -15,6 +15,12 @@ from mema_jax.models.layers.norm import GroupNorm
 ATTENTION_IMPLS = ("xla", "dot_product")
 
 
+def check_attention_impl(impl: str) -> None:
+    """Models call this at construction, so a typo fails before any tracing."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention implementation {impl!r}; choose one of {ATTENTION_IMPLS}")
+
+
 def dot_product_attention(query, key, value, *, impl: str = "xla", scale: float | None = None, mask=None):
     """softmax(q k^T * scale) v for q (B, Lq, H, D), k/v (B, Lk, H, D) -> (B, Lq, H, D).
 
