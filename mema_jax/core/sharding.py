@@ -118,7 +118,8 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], me
     return PartitionSpec(*spec)
 
 
-def _is_box(x) -> bool:
+def is_box(x) -> bool:
+    """A flax ``Partitioned`` box: a parameter leaf carrying its logical axis names."""
     return isinstance(x, nn.Partitioned)
 
 
@@ -130,7 +131,7 @@ def tree_shardings(abstract_tree, mesh: Mesh, rules) -> Any:
     """
 
     def leaf(x):
-        if _is_box(x):
+        if is_box(x):
             value = x.value
             names = x.names
             if len(names) != len(value.shape):
@@ -138,12 +139,7 @@ def tree_shardings(abstract_tree, mesh: Mesh, rules) -> Any:
             return NamedSharding(mesh, logical_to_spec(names, value.shape, mesh, rules))
         return NamedSharding(mesh, PartitionSpec())
 
-    return jax.tree.map(leaf, abstract_tree, is_leaf=_is_box)
-
-
-def logical_names(abstract_tree) -> Any:
-    """The logical names of each boxed leaf (None for plain leaves), unboxed structure."""
-    return jax.tree.map(lambda x: tuple(x.names) if _is_box(x) else None, abstract_tree, is_leaf=_is_box)
+    return jax.tree.map(leaf, abstract_tree, is_leaf=is_box)
 
 
 def unbox(tree):
