@@ -11,6 +11,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     # Logical axis name -> mesh axes: sharding is data, changed here, not in model code.
     c.sharding_rules = [list(rule) for rule in DEFAULT_RULES]
+    # A parameter at least this large that the rules leave whole on every device of an fsdp > 1
+    # mesh is logged once by name (how FSDP runs go out of memory at scale).
+    c.replicated_warning_mib = 4.0
     c.precision = ml_collections.ConfigDict({"param_dtype": "float32", "compute_dtype": "bfloat16"})
     c.grad_accum_steps = 1
     c.ema_decay = 0.0  # 0 = no EMA

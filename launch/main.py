@@ -20,6 +20,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mema_jax.errors import InputError
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/quickstart.py:local.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
@@ -95,8 +97,12 @@ def main(argv):
     cluster = _SUBMIT.value or ("slurm" if _SLURM_PARTITION.value else None)
     if cluster:
         submit(config, _WORKDIR.value, cluster)
-    else:
+        return
+    try:
         run(config, _WORKDIR.value)
+    except InputError as e:  # its message names the file and the problem: no traceback
+        print(f"launch.main: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def parse_flags(argv):

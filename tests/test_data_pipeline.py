@@ -42,10 +42,37 @@ def test_iterator_state_restores_the_exact_next_batches(synth_dataset_32):
             np.testing.assert_array_equal(got[k], want[k])
 
 
-def test_augmentation_flips_masks_with_images(synth_dataset_32):
-    plain = next(iter(loader(synth_dataset_32, augment=False)))
-    aug = next(iter(loader(synth_dataset_32)))
+def test_augmentation_flips_image_and_mask_together_and_jitters_only_the_image():
+    # Left-to-right ramp and a left-half mask: a flip is visible in both.
+    image = np.tile(np.linspace(0, 255, 16, dtype=np.float32), (16, 1))[..., None].repeat(3, -1).astype(np.uint8)
+    mask = np.zeros((16, 16), bool)
+    mask[:, :8] = True
+    element = {"image": image, "mask": mask}
+    flip_only = pipeline.Augment(brightness=0.0, contrast=0.0)
+    flipped = []
+    for seed in range(32):
+        out = flip_only.random_map(dict(element), np.random.default_rng(seed))
+        was_flipped = bool(out["mask"][0, -1])
+        np.testing.assert_array_equal(out["mask"], mask[:, ::-1] if was_flipped else mask)
+        np.testing.assert_array_equal(out["image"], image[:, ::-1] if was_flipped else image)
+        flipped.append(was_flipped)
+    assert 0 < sum(flipped) < len(flipped)  # both outcomes occur
+
+    jitter = pipeline.Augment(flip=False, brightness=0.1, contrast=0.1)
+    out = jitter.random_map(dict(element), np.random.default_rng(0))
+    np.testing.assert_array_equal(out["mask"], mask)
+    assert np.abs(out["image"].astype(int) - image.astype(int)).max() > 0
+
+
+def test_loader_augmentation_flips_some_masks_of_a_batch(synth_dataset_32):
+    plain = next(iter(loader(synth_dataset_32, augment=False, global_batch_size=16)))
+    aug = next(iter(loader(synth_dataset_32, global_batch_size=16)))
     np.testing.assert_array_equal(plain["index"], aug["index"])
-    for i in range(8):
+    asymmetric = [i for i in range(16) if not np.array_equal(plain["mask"][i], plain["mask"][i][:, ::-1])]
+    assert len(asymmetric) >= 2, "the batch has too few tumour masks to show a flip"
+    flips = []
+    for i in asymmetric:
         m, ma = plain["mask"][i], aug["mask"][i]
         assert np.array_equal(ma, m) or np.array_equal(ma, m[:, ::-1])
+        flips.append(np.array_equal(ma, m[:, ::-1]))
+    assert any(flips) and not all(flips)  # seed 11: some flipped, some not (as the ramp test shows generally)

@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import logging
+
 import jax
 import numpy as np
 from flax import linen as nn
@@ -140,6 +142,41 @@ def tree_shardings(abstract_tree, mesh: Mesh, rules) -> Any:
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree.map(leaf, abstract_tree, is_leaf=is_box)
+
+
+# Parameters larger than this that the rules leave whole on every device are logged (see below).
+DEFAULT_REPLICATED_WARNING_BYTES = 4 << 20
+_warned_replicated: set[tuple[str, tuple[int, ...]]] = set()
+
+
+def warn_replicated(abstract_tree, mesh: Mesh, rules, min_bytes: int = DEFAULT_REPLICATED_WARNING_BYTES) -> list[str]:
+    """Logs, once per parameter, each leaf of at least ``min_bytes`` that the rules leave fully
+    replicated on a mesh with fsdp > 1 -- how FSDP runs go out of memory at scale (a 1280x1280
+    kernel without logical names, or a dimension no mesh axis divides).  Returns their names."""
+    if mesh.shape.get("fsdp", 1) <= 1:
+        return []
+    flagged = []
+
+    def check(path, x):
+        value = x.value if is_box(x) else x
+        shape = tuple(getattr(value, "shape", ()))
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(getattr(value, "dtype", np.float32)).itemsize
+        if nbytes < min_bytes:
+            return
+        spec = logical_to_spec(x.names, shape, mesh, rules) if is_box(x) else PartitionSpec()
+        if any(axis is not None for axis in spec):
+            return
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        flagged.append(name)
+        if (name, shape) not in _warned_replicated:
+            _warned_replicated.add((name, shape))
+            why = f"logical axes {tuple(x.names)}" if is_box(x) else "no logical axis names"
+            logging.warning("sharding: parameter %s %s (%.1f MiB) is replicated on every device of mesh %s (%s; "
+                            "no rule splits a dimension the mesh divides)", name, shape, nbytes / 2**20,
+                            dict(mesh.shape), why)
+
+    jax.tree_util.tree_map_with_path(check, abstract_tree, is_leaf=is_box)
+    return flagged
 
 
 def unbox(tree):

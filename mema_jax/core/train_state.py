@@ -3,14 +3,16 @@
 Every trainer (the MeMa classifier and diffusion trainers, MedSem-DeID) builds on these:
   * ``sharded_state``: parameters and optimizer state are created *already sharded*
     (``jit`` with ``out_shardings`` from the logical rules), never whole on one device first;
-  * ``make_train_step``: a jitted step with explicit in/out shardings, donated state, gradient
+  * ``place_frozen``: frozen weights laid out by the same rules, kept out of the train state;
+  * ``make_train_step``: a jitted step with explicit in/out shardings, donated state, frozen
+    weights as a separate non-donated argument, one or several optimizers, gradient
     accumulation by ``lax.scan`` over micro-batches, optional EMA, and per-step randomness
     derived from (seed, step) so a resumed run draws exactly what the uninterrupted one drew.
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax
@@ -18,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import linen as nn
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from mema_jax.core import sharding as shd
 
@@ -64,87 +66,154 @@ class ShardedState:
 
 def sharded_state(
     init_params: Callable[[jax.Array], Any],
-    tx: optax.GradientTransformation,
+    tx,
     mesh: Mesh,
     rules,
     *,
     seed: int,
     use_ema: bool = False,
+    warn_replicated_bytes: int = shd.DEFAULT_REPLICATED_WARNING_BYTES,
 ) -> ShardedState:
-    """``init_params(rng)`` returns parameters whose leaves may be flax ``Partitioned`` boxes."""
+    """``init_params(rng)`` returns parameters whose leaves may be flax ``Partitioned`` boxes.
+
+    ``tx`` is one optax transformation, or a dict of them keyed like the parameter groups of
+    ``init_params``'s result (see ``make_train_step``).
+    """
 
     def boxed_state(rng):
         params = init_params(rng)
         # optax maps over the boxes, so moments carry their parameter's logical names.
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+        if isinstance(tx, Mapping):  # several optimizers: one state per parameter group
+            opt_state = {group: t.init(params[group]) for group, t in tx.items()}
+        else:
+            opt_state = tx.init(params)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                           ema_params=params if use_ema else None)
 
     rng = jax.random.key(seed)
     boxed = jax.eval_shape(boxed_state, rng)
+    shd.warn_replicated(boxed.params, mesh, rules, warn_replicated_bytes)
     shardings = shd.tree_shardings(boxed, mesh, rules)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shd.unbox(boxed), shardings)
     jitted = jax.jit(lambda r: shd.unbox(boxed_state(r)), out_shardings=shardings)
     return ShardedState(shardings=shardings, abstract=abstract, init=lambda: jitted(rng))
 
 
+def place_frozen(tree, mesh: Mesh, rules, warn_replicated_bytes: int = shd.DEFAULT_REPLICATED_WARNING_BYTES):
+    """Frozen weights -> (arrays laid out by the rules, their shardings).
+
+    Boxed leaves (``Partitioned``, as ``init`` gives them) follow their logical names; arrays
+    already laid out on ``mesh`` (a loader called with ``mesh=``) keep their layout; other plain
+    leaves are replicated.  Pass both results to ``make_train_step`` and its step: frozen weights
+    are an argument of the step, never part of the state.
+    """
+    shd.warn_replicated(tree, mesh, rules, warn_replicated_bytes)
+
+    def sharding(x, by_rules):
+        placed = isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+        return x.sharding if placed else by_rules
+
+    shardings = jax.tree.map(sharding, shd.unbox(tree), shd.tree_shardings(tree, mesh, rules))
+    return jax.device_put(shd.unbox(tree), shardings), shardings
+
+
 def make_train_step(
-    loss_fn: Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]],
-    tx: optax.GradientTransformation,
+    loss_fn,
+    tx,
     *,
     mesh: Mesh,
     rules,
     state_shardings,
     batch_shardings,
+    frozen_shardings=None,
     seed: int,
     accum_steps: int = 1,
     ema_decay: float | None = None,
 ):
-    """Returns a jitted ``step(state, batch) -> (state, metrics)``.
+    """Returns ``step(state, batch, frozen=None) -> (state, metrics)``, one jitted function.
 
-    ``loss_fn(params, micro_batch, rng) -> (loss, metrics)``.  With ``accum_steps > 1`` the batch
-    is split into that many micro-batches along axis 0 and gradients are averaged (one optimizer
-    update per step).  The state argument is donated.
+    ``loss_fn(params, frozen, batch, rng) -> (loss, metrics)``.  ``frozen`` holds weights that are
+    used but never trained (a frozen UNet, VAE, text encoder, ArcFace, medical encoder): it enters
+    as an argument laid out by ``frozen_shardings``, so it is neither baked into the compiled
+    program as a constant nor donated; only ``state`` is donated.
+
+    Several optimizers (e.g. a generator and its discriminator): ``params`` is a dict of parameter
+    groups and ``tx`` and ``loss_fn`` are dicts with the same keys.  The updates run one after
+    another in the dicts' order, each taking gradients of its own loss with respect to its own
+    group only, and each seeing the groups updated before it (the usual alternating GAN step).
+    Their metrics are reported as ``<group>/<name>``.
+
+    With ``accum_steps > 1`` the batch is split into that many micro-batches along axis 0 and
+    gradients are averaged (one optimizer update per step).  Randomness is ``step_rng(seed, step)``
+    (folded with the update's index and the micro-batch index).
     """
     rules = shd.normalize_rules(rules)
+    multi = isinstance(tx, Mapping)
+    if multi != isinstance(loss_fn, Mapping) or (multi and list(tx) != list(loss_fn)):
+        raise ValueError("with several optimizers, tx and loss_fn are dicts with the same keys in the same order")
+    groups = list(tx) if multi else [None]
 
-    def step(state: TrainState, batch: dict):
+    def one_update(group, params, opt_state, frozen, batch, rng):
+        fn = loss_fn[group] if multi else loss_fn
+        tx_g = tx[group] if multi else tx
+
+        def group_loss(p, mb, r):
+            return fn(dict(params, **{group: p}) if multi else p, frozen, mb, r)
+
+        own = params[group] if multi else params
+        grads, loss, metrics = _accumulated_grads(group_loss, own, batch, rng, accum_steps)
+        updates, opt_state = tx_g.update(grads, opt_state, own)
+        own = optax.apply_updates(own, updates)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+        return (dict(params, **{group: own}) if multi else own), opt_state, metrics
+
+    def step(state: TrainState, batch: dict, frozen):
         rng = step_rng(seed, state.step)
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-        if accum_steps == 1:
-            (loss, metrics), grads = grad_fn(state.params, batch, rng)
-        else:
-            micro = jax.tree.map(lambda x: x.reshape((accum_steps, x.shape[0] // accum_steps) + x.shape[1:]), batch)
-
-            def body(carry, xs):
-                i, mb = xs
-                (l, m), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-                acc = jax.tree.map(jnp.add, carry, (g, l, m))
-                return acc, None
-
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            (_, m0) = jax.eval_shape(lambda: loss_fn(state.params, jax.tree.map(lambda x: x[0], micro), rng))
-            init = (zeros, jnp.zeros((), jnp.float32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0))
-            (grads, loss, metrics), _ = jax.lax.scan(body, init, (jnp.arange(accum_steps), micro))
-            grads, loss, metrics = jax.tree.map(lambda x: x / accum_steps, (grads, loss, metrics))
-
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params, metrics = state.params, {}
+        opt_states = dict(state.opt_state) if multi else None
+        for i, group in enumerate(groups):
+            r = jax.random.fold_in(rng, i) if multi else rng
+            if multi:
+                params, opt_states[group], m = one_update(group, params, opt_states[group], frozen, batch, r)
+                metrics.update({f"{group}/{k}": v for k, v in m.items()})
+            else:
+                params, opt_state, metrics = one_update(None, params, state.opt_state, frozen, batch, r)
         ema = state.ema_params
         if ema is not None:
             ema = optax.incremental_update(params, ema, 1.0 - ema_decay)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_states if multi else opt_state,
+                             ema_params=ema), metrics
 
     jitted = jax.jit(
         step,
-        in_shardings=(state_shardings, batch_shardings),
+        in_shardings=(state_shardings, batch_shardings, frozen_shardings),
         out_shardings=(state_shardings, shd.replicated(mesh)),
         donate_argnums=0,
     )
 
-    def run(state, batch):
+    def run(state, batch, frozen=None):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return jitted(state, batch)
+            return jitted(state, batch, frozen)
 
+    run.jitted = jitted  # for lowering / inspecting the compiled step
     return run
+
+
+def _accumulated_grads(loss_fn, params, batch, rng, accum_steps: int):
+    """(grads, loss, metrics) of ``loss_fn(params, batch, rng)``, averaged over micro-batches."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accum_steps == 1:
+        (loss, metrics), grads = grad_fn(params, batch, rng)
+        return grads, loss, metrics
+    micro = jax.tree.map(lambda x: x.reshape((accum_steps, x.shape[0] // accum_steps) + x.shape[1:]), batch)
+
+    def body(carry, xs):
+        i, mb = xs
+        (loss, metrics), grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (grads, loss, metrics)), None
+
+    _, metrics_shape = jax.eval_shape(lambda: loss_fn(params, jax.tree.map(lambda x: x[0], micro), rng))
+    zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
+             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape))
+    total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
+    return jax.tree.map(lambda x: x / accum_steps, total)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mema_jax.errors import InputError
 from mema_jax.fileio import atomic_write_bytes  # noqa: F401  (re-exported for writers of the layout)
 
 DISEASES = ("Normal", "BCC", "Conj", "Uveitis", "Ptosis", "SCC", "Strab", "TAO")
@@ -35,7 +36,7 @@ COLUMNS = ("image_id", "image", "disease", "severity", "age", "gender", "split",
 PAPER_SPLIT_SIZES = {"train": 34000, "select": 3729, "val": 4578}
 
 
-class MeMaFormatError(ValueError):
+class MeMaFormatError(InputError, ValueError):
     """A MeMa folder is malformed; the message names the file and the problem."""
 
 

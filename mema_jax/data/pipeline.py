@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import grain.python as grain
@@ -150,12 +149,3 @@ def _wait_for(path: Path, timeout_s: float = 3600) -> None:
         if time.time() - start > timeout_s:
             raise TimeoutError(f"{path} did not appear within {timeout_s}s")
         time.sleep(1)
-
-
-def to_global(batch: dict, shardings: dict) -> dict:
-    """Process-local numpy batch -> global jax arrays laid out by ``shardings``."""
-    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()}
-
-
-def batch_keys(with_masks: bool) -> Sequence[str]:
-    return ("image", "label", "severity", "index") + (("mask", "has_mask") if with_masks else ())

@@ -1,0 +1,165 @@
+"""The training loop every trainer shares, as plain functions (big_vision style: no trainer class).
+
+A trainer supplies its model, loss, optional frozen weights and evaluation, and calls:
+
+    mesh, rules = loop.mesh_and_rules(config)
+    state_spec = train_state.sharded_state(init_params, tx, mesh, rules, seed=config.seed, ...)
+    shardings = loop.batch_shardings(mesh, rules, {"image": (B, H, W, 3), ...})
+    step = train_state.make_train_step(loss_fn, tx, mesh=mesh, rules=rules, ...)
+    return loop.run(config, workdir, state_spec=state_spec, train_step=step, data_iter=iter(loader),
+                    batch_shardings=shardings, evaluate=..., periodic=[...])
+
+``run`` restores the newest readable checkpoint (model, optimizer and data-iterator state) or
+initialises, then steps with clu's periodic actions, logs to TensorBoard / metrics.csv / the
+console, evaluates every ``config.eval_every`` steps, calls the trainer's own periodic callbacks
+(sample grids, say), checkpoints every ``config.checkpoint_every`` steps and at the end, and closes.
+A workdir whose checkpoint is already at ``config.total_steps`` is a finished run: it exits at once.
+
+Config entries read here: seed, mesh, sharding_rules, replicated_warning_mib, total_steps, log_every, eval_every,
+checkpoint_every, keep_checkpoints, async_checkpoints, profile_steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from mema_jax.core import checkpoint as ckpt_lib
+from mema_jax.core import metrics as metrics_lib
+from mema_jax.core import sharding as shd
+from mema_jax.core import train_state as ts
+
+
+def mesh_and_rules(config) -> tuple[Mesh, tuple]:
+    mesh = shd.make_mesh(config.mesh.to_dict())
+    return mesh, shd.normalize_rules(config.sharding_rules)
+
+
+def replicated_warning_bytes(config) -> int:
+    """``config.replicated_warning_mib`` in bytes, for ``sharded_state`` / ``place_frozen``."""
+    return int(config.get("replicated_warning_mib", 4.0) * 2**20)
+
+
+def batch_shardings(mesh: Mesh, rules, shapes: Mapping[str, Sequence[int]]) -> dict:
+    """One sharding per batch entry: leading (batch) dim on the logical 'batch' axis."""
+    return {k: shd.batch_sharding(mesh, rules, len(s), tuple(s)) for k, s in shapes.items()}
+
+
+def to_global(batch: Mapping[str, Any], shardings: Mapping[str, Any]) -> dict:
+    """This process's numpy part of a batch -> global jax arrays laid out by ``shardings``."""
+    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()}
+
+
+def padded_batches(loader, shardings: Mapping[str, Any], batch_size: int) -> Iterator[tuple[dict, int, dict]]:
+    """Evaluation batches at the compiled batch size: the entries named in ``shardings`` as global
+    arrays, a short last batch zero-padded.  Yields (global batch, number of real rows, the
+    loader's own numpy batch)."""
+    rows = batch_size // jax.process_count()
+    for batch in loader:
+        n = len(next(iter(batch.values())))
+        padded = {}
+        for k in shardings:
+            v = np.asarray(batch[k])
+            padded[k] = np.concatenate([v, np.zeros((rows - n,) + v.shape[1:], v.dtype)]) if n < rows else v
+        yield to_global(padded, shardings), n, batch
+
+
+def in_mesh(fn: Callable, mesh: Mesh, rules) -> Callable:
+    """``fn`` called under the mesh and the logical-axis rules (for a jitted model function)."""
+
+    def call(*args, **kwargs):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return fn(*args, **kwargs)
+
+    return call
+
+
+@dataclasses.dataclass(frozen=True)
+class Periodic:
+    """A trainer's own callback ``fn(step, state, writer)``, every ``every`` steps and at the end."""
+
+    every: int
+    fn: Callable[[int, ts.TrainState, Any], None]
+
+
+def flat_hparams(config) -> dict:
+    """Scalar config entries as ``a.b.c: value`` (for TensorBoard's hparams)."""
+
+    def flatten(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flatten(v, f"{prefix}{k}.")
+            elif isinstance(v, (int, float, str, bool)):
+                yield f"{prefix}{k}", v
+
+    return dict(flatten(config.to_dict()))
+
+
+def restore_or_init(checkpointer: ckpt_lib.Checkpointer, state_spec: ts.ShardedState, data_iter, workdir) -> ts.TrainState:
+    state = checkpointer.restore(state_spec.abstract, data_iter)
+    if state is None:
+        print(f"starting from scratch in {workdir}", flush=True)
+        return state_spec.init()
+    print(f"resumed from step {int(state.step)} in {workdir}", flush=True)
+    return state
+
+
+def run(
+    config,
+    workdir,
+    *,
+    state_spec: ts.ShardedState,
+    train_step: Callable,
+    data_iter,
+    batch_shardings: Mapping[str, Any],
+    frozen: Any = None,
+    evaluate: Callable[[ts.TrainState], Mapping[str, float]] | None = None,
+    periodic: Sequence[Periodic] = (),
+    console_keys: Sequence[str] = ("loss",),
+) -> dict:
+    """Restore or init, train to ``config.total_steps``, evaluate, checkpoint, close.
+
+    ``evaluate(state) -> {name: scalar}`` (names as written, e.g. ``eval/accuracy``).  Returns the
+    last evaluation's metrics ({} if none ran).
+    """
+    workdir = Path(workdir)
+    total = config.total_steps
+    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", save_every=config.checkpoint_every,
+                                         keep=config.keep_checkpoints, async_save=config.async_checkpoints)
+    state = restore_or_init(checkpointer, state_spec, data_iter, workdir)
+    start = int(state.step)
+    writer = metrics_lib.make_writer(workdir, total, console_keys=tuple(console_keys))
+    if start == 0:
+        writer.write_hparams(flat_hparams(config))
+    actions = metrics_lib.make_periodic_actions(workdir, total, writer, profile_steps=config.profile_steps)
+
+    def due(every: int, step: int) -> bool:
+        return bool(every) and (step % every == 0 or step == total)
+
+    eval_metrics: dict = {}
+    for step in range(start, total):
+        batch = to_global(next(data_iter), batch_shardings)
+        state, metrics = train_step(state, batch, frozen)
+        done = step + 1
+        for action in actions:
+            action(done)
+        if due(config.log_every, done):
+            writer.write_scalars(done, {f"train/{k}": v for k, v in jax.device_get(metrics).items()})
+        if evaluate is not None and due(config.eval_every, done):
+            eval_metrics = dict(evaluate(state))
+            writer.write_scalars(done, eval_metrics)
+        for callback in periodic:
+            if due(callback.every, done):
+                callback.fn(done, state, writer)
+        checkpointer.save(done, state, data_iter, force=done == total)
+    checkpointer.close()
+    writer.flush()
+    print(f"done: {total} steps; checkpoints in {checkpointer.directory}, TensorBoard events in "
+          f"{workdir / 'tensorboard'}, metrics table {workdir / 'metrics.csv'}", flush=True)
+    return eval_metrics
