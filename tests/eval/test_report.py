@@ -121,14 +121,53 @@ def fixture(tmp_path_factory):
             "tables": report.run(c, out), "out": out}
 
 
+# Every table of tables.md, in order: its CSV's name and its section title.
+TITLES = {
+    "tab1_leakage": "Tab. 1: identity leakage of generated images (% whose nearest real patient is within the "
+                    "threshold; lower = better)",
+    "tab2_wasserstein": "Tab. 2: Wasserstein distance between label distributions (lower = closer)",
+    "tab3_medical": "Tab. 3: medical utility (disease accuracy on de-identified images, segmentation)",
+    "tab4_kappa": "Tab. 4: Cohen's kappa of diagnoses, original vs de-identified",
+    "tab5_id_dis": "Tab. 5: ID-Dis (original vs de-identified; higher = better de-identified)",
+    "tab6_matching": "Tab. 6: face-matching rate of de-identified images (lower = better)",
+    "tab7_landmark_gaze": "Tab. 7: landmark error (pixels) and gaze error (degrees)",
+    "tab8_reversibility": "Tab. 8: recovered images of reversible methods (ID-Dis and LPIPS: lower = better)",
+    "verification": "Identity models on labelled pairs (LFW protocol, 10-fold threshold)",
+}
+
+
+def _csv_header(path: Path) -> list[str]:
+    with open(path, newline="") as f:
+        return next(csv.reader(f))
+
+
+def _section(markdown: str, key: str) -> str:
+    """One table's section of tables.md after its title line: its rows and notes."""
+    return markdown.split(f"\n## {TITLES[key]}\n")[1].split("\n## ")[0]
+
+
 def test_writes_markdown_csv_grid_and_per_image_files(fixture):
     out = fixture["out"]
     markdown = (out / "tables.md").read_text()
-    for title in ("Tab. 1", "Tab. 2", "Tab. 3", "Tab. 4", "Tab. 5", "Tab. 6", "Tab. 7", "Tab. 8", "labelled pairs"):
-        assert f"## {title}" in markdown or title in markdown
-    for key in ("tab1_leakage", "tab2_wasserstein", "tab3_medical", "tab4_kappa", "tab5_id_dis", "tab6_matching",
-                "tab7_landmark_gaze", "tab8_reversibility", "verification"):
-        assert (out / f"{key}.csv").is_file()
+    assert markdown.startswith(f"# De-identification report\n\nOriginals: {fixture['root']} (6 images, split val). "
+                               "Methods: blur, toy. Time: ")
+    assert [line[3:] for line in markdown.splitlines() if line.startswith("## ")] == list(TITLES.values())
+    val = fixture["val"]
+    kappa_classes = sorted(set(cohen_kappa([r.disease for r in val], [DISEASES[i % 2] for i in range(len(val))]))
+                           - {"All"})
+    assert {key: _csv_header(out / f"{key}.csv") for key in TITLES} == {
+        "tab1_leakage": ["Row", "dlib", "Average"],
+        "tab2_wasserstein": ["Rows", "Disease", "Age", "Gender"],
+        "tab3_medical": ["Method", "Rev", "All", "Top1", *layout.DISEASES, "Dice", "Jaccard"],
+        "tab4_kappa": ["Method", "All", *kappa_classes],
+        "tab5_id_dis": ["Method", "Rev", "dlib"],
+        "tab6_matching": ["Method", "dlib"],
+        "tab7_landmark_gaze": ["Method", "Rev", "Landmark all", "Landmark eye", "Landmark mouth", "Landmark nose",
+                               "Gaze pitch", "Gaze yaw"],
+        "tab8_reversibility": ["Method", "ID-Dis dlib", "PSNR (dB)", "LPIPS", "Med-Class"],
+        "verification": ["Model", "Accuracy", "Std", "Pairs", "Skipped", "Mean dist same", "Mean dist different"],
+    }
+    assert list(fixture["tables"]) == list(TITLES)
     assert [r["Method"] for r in _read_csv(out / "tab5_id_dis.csv")] == ["blur", "toy"]
     assert [r["Method"] for r in _read_csv(out / "tab7_landmark_gaze.csv")] == ["blur", "toy"]
     assert len(_read_csv(out / "per_image" / "toy.csv")) == len(fixture["val"])
@@ -140,9 +179,14 @@ def test_writes_markdown_csv_grid_and_per_image_files(fixture):
 
 def test_unconfigured_weights_are_left_out_with_a_note(fixture):
     markdown = (fixture["out"] / "tables.md").read_text()
-    assert "facenet_vggface2 left out: no weights configured" in markdown
+    note = ("- Note: facenet_vggface2 left out: no weights configured "
+            "(config.identity.models.facenet_vggface2.weights).")
+    # In every table of identity metrics, and only there.
+    with_note = {key for key in TITLES if note in _section(markdown, key).splitlines()}
+    assert with_note == {"tab1_leakage", "tab5_id_dis", "tab6_matching", "tab8_reversibility", "verification"}
     assert "facenet_vggface2" not in _read_csv(fixture["out"] / "tab5_id_dis.csv")[0]
-    assert "blur: no diagnoses.csv" in markdown
+    assert (f"- Note: blur: no diagnoses.csv in {fixture['out'] / 'reference' / 'blur'}; left out."
+            in _section(markdown, "tab4_kappa").splitlines())
 
 
 def test_leakage_table_counts_copies_of_patients_and_not_strangers_or_blank_images(fixture):
@@ -152,8 +196,7 @@ def test_leakage_table_counts_copies_of_patients_and_not_strangers_or_blank_imag
     assert float(rows["copies"]["dlib"]) == 100.0 and float(rows["copies"]["Average"]) == 100.0
     assert float(rows["strangers"]["dlib"]) == 0.0
     assert 0.0 <= float(rows["blur_method"]["dlib"]) <= 100.0
-    markdown = (fixture["out"] / "tables.md").read_text()
-    section = markdown.split("## Tab. 1")[1].split("\n## ")[0]
+    section = _section((fixture["out"] / "tables.md").read_text(), "tab1_leakage")
     assert "| copies | 100.00% | 100.00% |" in section
     assert "strangers, dlib: 2 of 5 generated images without a face" in section
     assert "facenet_vggface2 left out: no weights configured" in section
@@ -184,7 +227,7 @@ def _leakage_run(tmp_path, pairs: Path | None) -> tuple[list[dict], str]:
 def test_leakage_without_a_threshold_leaves_the_model_out_with_a_note(tmp_path):
     rows, markdown = _leakage_run(tmp_path, None)
     assert rows == []
-    section = markdown.split("## Tab. 1")[1].split("\n## ")[0]
+    section = _section(markdown, "tab1_leakage")
     assert "dlib left out: no decision threshold" in section and "config.identity.pairs is empty" in section
     assert "| dlib |" not in section
 
@@ -210,7 +253,7 @@ def test_leakage_threshold_comes_from_the_pairs_file_when_unset(tmp_path):
 
     rows, markdown = _leakage_run(tmp_path, pairs_dir / "pairs.csv")
     assert [r["Row"] for r in rows] == ["copies"] and float(rows[0]["dlib"]) == 100.0
-    section = markdown.split("## Tab. 1")[1].split("\n## ")[0]
+    section = _section(markdown, "tab1_leakage")
     assert f"dlib: no match_threshold configured; using {expected:.4f}" in section
     assert f"dlib {expected:.4f}" in section
 
@@ -324,6 +367,26 @@ def test_a_configured_weight_file_that_is_missing_stops_the_run_before_any_work(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("entry, error, expected", [
+    ("identity.gallery", report.ReportConfigError, "config.identity.gallery .*<identity>/ sub-folders"),
+    ("identity.pairs", FileNotFoundError, "1 pair images not found"),
+])
+def test_a_bad_gallery_or_pairs_file_stops_the_run_before_any_work(tmp_path, entry, error, expected):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(sorted((FACES / "celeba_2").glob("*.jpg"))[0], photos / "a.jpg")   # no <identity>/ folder
+    (photos / "pairs.csv").write_text("file_x,file_y,Decision\na.jpg,absent.jpg,No\n")
+    c = base_config()
+    c.originals.root = str(photos)
+    c.reference_methods["blur"] = reference("blur", 0.05)
+    c.identity.models["dlib"] = identity_model()
+    group, key = entry.split(".")
+    c[group][key] = str(photos / "pairs.csv") if key == "pairs" else str(photos)
+    with pytest.raises(error, match=expected):
+        report.run(c, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_command_line_runs_a_config_file_with_overrides(tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -391,3 +454,10 @@ def test_eval_configs_build_and_check_their_arguments(tmp_path):
     assert all("." not in name for name in full.reference_methods)   # names must work as --config.x.y keys
     with pytest.raises(ValueError, match="variant"):
         eval_real_photos.get_config("huge")
+
+
+def test_the_report_package_does_not_import_jax():
+    code = ("import sys, eval.report, eval.report.__main__; "
+            "sys.exit(any(m == 'jax' or m.startswith('jax.') for m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
