@@ -1,13 +1,16 @@
 """The JAX text-to-image pipeline against diffusers' StableDiffusionPipeline on a tiny random model.
 
 The tiny pipeline (UNet, VAE, CLIP text tower, tokenizer, DDIM scheduler config like SD1.5's) is
-written with diffusers' ``save_pretrained`` and loaded with ``StableDiffusionPipeline.from_folder``.
+written with diffusers' ``save_pretrained`` (the session fixture ``tiny_sd`` of conftest.py) and
+loaded with ``StableDiffusionPipeline.from_folder``.
 Both pipelines start from the same latents (passed explicitly) and run 3 steps with
 classifier-free guidance (scale 7.5), safety checker disabled.
 
-Tolerance: fp32 relative error <= 1e-5 for the final latents and the decoded [0, 1] images.  Each
-UNet call agrees to ~1e-6; guidance multiplies the difference of two UNet outputs by 7.5, and
-three steps compound it (measured: latents ~2e-6, images ~6e-7).
+Tolerance: the tiny-model rule of tests/parity.py, fp32 against diffusers fp32: relative error
+<= 1e-5 for the final latents and the decoded [0, 1] images.  Each UNet call agrees to ~1e-6;
+guidance multiplies the difference of two UNet outputs by 7.5, and three steps compound it
+(measured: latents ~2e-6, images ~6e-7).  The full-size components are checked one by one, with
+the float64 rule, in test_unet_parity / test_vae_parity / test_clip_parity.
 """
 from __future__ import annotations
 
@@ -18,56 +21,18 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers import DPMSolverMultistepScheduler
 from diffusers import StableDiffusionPipeline as DiffusersPipeline
+from parity import FP32_TOL, rel_err
 from PIL import Image
-from test_clip_parity import make_tokenizer_folder
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from tiny_models import TINY_SD_SIZE
 
 from mema_jax.pipelines.text_to_image import StableDiffusionPipeline, main, output_paths
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROMPTS = ["a photo", "b c"]
-SIZE = 32  # pixels; the tiny VAE downsamples by 2, so the latents are 16 x 16
+PROMPTS = ["a photo", "b c"]  # the tiny_sd fixture's latents are for two prompts
+SIZE = TINY_SD_SIZE  # pixels; the tiny VAE downsamples by 2, so the latents are 16 x 16
 STEPS = 3
-
-
-def rel_err(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    """A saved tiny diffusers SD pipeline and its initial latents (NCHW)."""
-    tokenizer_dir = tmp_path_factory.mktemp("tokenizer")
-    vocab = make_tokenizer_folder(tokenizer_dir)
-    eos = vocab["<|endoftext|>"]
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=SIZE // 2, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, norm_num_groups=8, attention_head_dim=4,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
-        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-        max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos,
-    ))
-    # SD1.5's scheduler settings, saved by a DDIMScheduler.
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    pipe = DiffusersPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir),
-                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                             requires_safety_checker=False)
-    folder = tmp_path_factory.mktemp("tiny_sd")
-    pipe.save_pretrained(folder)
-    latents = torch.randn(len(PROMPTS), 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(0))
-    return folder, latents
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +67,8 @@ def test_pipeline_matches_diffusers_from_the_same_latents(tiny_sd, ours, schedul
     latent_err = rel_err(our_latents.transpose(0, 3, 1, 2), ref_latents)
     image_err = rel_err(our_images, ref_images)
     print(f"{scheduler}, guidance {guidance_scale}: final latents rel. error {latent_err:.2e}, images rel. error {image_err:.2e}")
-    assert latent_err <= 1e-5
-    assert image_err <= 1e-5
+    assert latent_err <= FP32_TOL
+    assert image_err <= FP32_TOL
     # uint8 output: diffusers' (x * 255).round(); equal except where float noise crosses a .5 boundary.
     our_uint8 = ours(PROMPTS, negative, **kwargs)
     ref_uint8 = (ref_images * 255).round().astype(np.uint8)

@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import torch
 from conftest import REPO
-from test_pipeline import tiny_sd  # noqa: F401  (fixture: a tiny diffusers pipeline saved with save_pretrained)
+from tiny_models import TINY_CLIP_VISION
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 
@@ -16,13 +16,12 @@ def readme_block() -> str:
     return match.group(1)
 
 
-def test_readme_loading_calls_run_on_a_saved_model(tmp_path, tiny_sd):  # noqa: F811
+def test_readme_loading_calls_run_on_a_saved_model(tmp_path, tiny_sd):
+    """``tiny_sd`` (conftest.py): a tiny diffusers pipeline saved with save_pretrained."""
     folder = tmp_path / "sd"
     shutil.copytree(tiny_sd[0], folder)
     torch.manual_seed(0)
-    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=28,
-        patch_size=14, projection_dim=16))
+    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_CLIP_VISION))
     vision.save_pretrained(folder / "image_encoder")
 
     code = readme_block()
@@ -33,7 +32,7 @@ def test_readme_loading_calls_run_on_a_saved_model(tmp_path, tiny_sd):  # noqa: 
     size = scope["unet"].config.sample_size
     assert scope["eps"].shape == scope["latents"].shape == (1, size, size, 4)
     assert scope["context"].shape[:2] == (1, 77)
-    assert scope["image"].shape[-1] == 3 and scope["image_embeds"].shape == (1, 16)
+    assert scope["image"].shape[-1] == 3 and scope["image_embeds"].shape == (1, TINY_CLIP_VISION["projection_dim"])
     assert scope["f_med"].shape[-1] == scope["unet"].config.block_out_channels[0]
     assert scope["images"].dtype == np.uint8 and scope["images"].ndim == 4
     a = scope["unet_params"]["conv_in"]["kernel"]

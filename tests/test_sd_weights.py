@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 from flax import linen as nn
+from safetensors import SafetensorError
 from safetensors.torch import load_file as torch_load_safetensors
 from safetensors.torch import save_file as torch_save_safetensors
+from tiny_models import TINY_CLIP_TEXT, TINY_UNET_MIXED, TINY_VAE_SMALL, make_diffusers_unet, make_diffusers_vae, perturb_
 
 from mema_jax.models import weights
 from mema_jax.models.convert_sd import load_sd_checkpoint
@@ -19,58 +21,17 @@ from mema_jax.models.convert_unet import abstract_unet_params, ldm_unet_key_map,
 from mema_jax.models.convert_vae import abstract_vae_params, ldm_vae_key_map, load_vae, save_vae
 from mema_jax.models.vae import AutoencoderKL
 
-TINY_UNET = dict(
-    block_out_channels=(16, 32),
-    layers_per_block=2,
-    norm_num_groups=8,
-    cross_attention_dim=24,
-    attention_head_dim=2,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    sample_size=8,
-)
-TINY_VAE = dict(
-    block_out_channels=(8, 16),
-    layers_per_block=1,
-    norm_num_groups=4,
-    latent_channels=4,
-    down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2,
-    sample_size=16,
-)
-TINY_CLIP_TEXT = dict(vocab_size=99, hidden_size=24, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-                      max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)
-
-
-def perturb_(model: torch.nn.Module, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            scale = 0.5 * float(p.std()) if p.numel() > 1 and float(p.std()) > 0 else 0.2
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
-    return model
-
 
 @pytest.fixture(scope="module")
 def unet_folder(tmp_path_factory):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    model = perturb_(UNet2DConditionModel(**TINY_UNET).eval(), 0)
     folder = tmp_path_factory.mktemp("unet")
-    model.save_pretrained(folder)
-    return model, folder
+    return make_diffusers_unet(TINY_UNET_MIXED, folder, seed=0), folder
 
 
 @pytest.fixture(scope="module")
 def vae_folder(tmp_path_factory):
-    from diffusers import AutoencoderKL as TorchVAE
-
-    torch.manual_seed(1)
-    model = perturb_(TorchVAE(**TINY_VAE).eval(), 1)
     folder = tmp_path_factory.mktemp("vae")
-    model.save_pretrained(folder)
-    return model, folder
+    return make_diffusers_vae(TINY_VAE_SMALL, folder, seed=1), folder
 
 
 def assert_trees_equal(a, b):
@@ -174,7 +135,7 @@ def test_unsupported_config_is_a_weights_error_naming_the_folder(unet_folder, tm
 def test_write_safetensors_is_atomic_and_leaves_the_old_file_on_failure(tmp_path):
     path = tmp_path / "w.safetensors"
     weights.write_safetensors(path, {"a": np.arange(3, dtype=np.float32)})
-    with pytest.raises(Exception):
+    with pytest.raises(SafetensorError, match='dtype "object"'):
         weights.write_safetensors(path, {"a": np.array([object()])})
     assert sorted(os.listdir(tmp_path)) == ["w.safetensors"]
     assert np.array_equal(weights.read_state_dict(path)["a"], np.arange(3, dtype=np.float32))

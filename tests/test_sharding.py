@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from mema_jax.core import sharding as shd
 from mema_jax.core import train_state as ts
-from mema_jax.models.resnet import ResNetClassifier
+from mema_jax.models.resnet_classifier import ResNetClassifier
 from mema_jax.trainers.classifier import classification_loss
 
 # fp32 on CPU: a sharded step sums the batch and reduces gradients in a different order than the

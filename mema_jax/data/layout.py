@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from mema_jax.errors import InputError
-from mema_jax.fileio import atomic_write_bytes  # noqa: F401  (re-exported for writers of the layout)
+from mema_jax.fileio import atomic_write_bytes, write_png  # noqa: F401  (re-exported for writers of the layout)
 
 DISEASES = ("Normal", "BCC", "Conj", "Uveitis", "Ptosis", "SCC", "Strab", "TAO")
 SEVERITIES = ("slight", "mid", "heavy")
@@ -171,12 +171,6 @@ def read_dataset(root, *, verify_images: bool = True) -> MeMaDataset:
         elif not (root / rec.image).is_file():
             raise MeMaFormatError(f"{root / rec.image}: image file is missing (listed at {where})")
     return MeMaDataset(root, records)
-
-
-def write_png(path, array: np.ndarray) -> None:
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(array)).save(buf, format="PNG", compress_level=1)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def write_labels(root, records: Iterable[Record]) -> Path:

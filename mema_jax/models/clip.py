@@ -9,6 +9,12 @@ Every output can carry ``hidden_states``: the encoder input followed by the outp
 as transformers returns them with ``output_hidden_states=True`` (IP-Adapter Plus uses the
 vision tower's ``hidden_states[-2]``).
 
+Output fields carry transformers' names (``last_hidden_state``, ``pooler_output``,
+``hidden_states``, ``image_embeds``), so code written against transformers ports as it is.
+Self-attention is ``layers.attention.Attention``, the UNet's, with biases on q/k/v/out and, in
+the text tower, a causal mask; its parameters are ``to_q``/``to_k``/``to_v``/``to_out``, which
+``convert_clip`` maps to transformers' ``q_proj``/``k_proj``/``v_proj``/``out_proj``.
+
 SD1.5 uses the ViT-L/14 text tower (``CLIPTextConfig.sd15()``); IP-Adapter uses the ViT-H/14
 vision tower with projection (``CLIPVisionConfig.vit_h14()``).  The same code builds any size.
 """
@@ -24,7 +30,7 @@ from flax import linen as nn
 from flax import struct
 
 from mema_jax.core.sharding import constrain
-from mema_jax.models.layers.attention import check_attention_impl, dot_product_attention
+from mema_jax.models.layers.attention import Attention, check_attention_impl
 from mema_jax.models.layers.linear import CONV_KERNEL_AXES, dense
 from mema_jax.models.layers.norm import LayerNorm
 from mema_jax.models.layers.remat import remat_block
@@ -138,29 +144,6 @@ class CLIPVisionConfig:
         }
 
 
-class CLIPAttention(nn.Module):
-    hidden_size: int
-    num_heads: int
-    attention_impl: str = "xla"
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, mask=None):
-        batch, length, _ = x.shape
-        head_dim = self.hidden_size // self.num_heads
-        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-
-        def heads(name):
-            projected = dense(self.hidden_size, ("embed", "heads"), name=name, **kw)(x)
-            return projected.reshape(batch, length, self.num_heads, head_dim)
-
-        out = dot_product_attention(heads("q_proj"), heads("k_proj"), heads("v_proj"), impl=self.attention_impl,
-                                    scale=head_dim**-0.5, mask=mask)
-        out = out.reshape(batch, length, self.hidden_size)
-        return dense(self.hidden_size, ("heads", "embed"), name="out_proj", **kw)(out)
-
-
 class CLIPMLP(nn.Module):
     hidden_size: int
     intermediate_size: int
@@ -189,7 +172,9 @@ class CLIPEncoderLayer(nn.Module):
         c = self.config
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         h = LayerNorm(c.layer_norm_eps, name="layer_norm1", **kw)(x)
-        x = x + CLIPAttention(c.hidden_size, c.num_attention_heads, self.attention_impl, name="self_attn", **kw)(h, mask)
+        attention = Attention(c.num_attention_heads, c.hidden_size // c.num_attention_heads, c.hidden_size, qkv_bias=True,
+                              attention_impl=self.attention_impl, name="self_attn", **kw)
+        x = x + attention(h, mask=mask)
         x = constrain(x, TOKEN_AXES)
         h = LayerNorm(c.layer_norm_eps, name="layer_norm2", **kw)(x)
         x = x + CLIPMLP(c.hidden_size, c.intermediate_size, c.hidden_act, name="mlp", **kw)(h)
@@ -222,7 +207,7 @@ def _embedding_param(name_axes):
 @struct.dataclass
 class CLIPTextOutput:
     last_hidden_state: Any  # (B, L, hidden) after the final LayerNorm
-    pooled_output: Any  # (B, hidden): the last hidden state at the end-of-text token
+    pooler_output: Any  # (B, hidden): the last hidden state at the end-of-text token
     hidden_states: Any = None  # tuple: embeddings, then each layer's output (before the final LayerNorm)
 
 
@@ -230,7 +215,7 @@ class CLIPTextOutput:
 class CLIPVisionOutput:
     image_embeds: Any  # (B, projection_dim)
     last_hidden_state: Any  # (B, 1 + patches, hidden), no final LayerNorm (as transformers)
-    pooled_output: Any  # (B, hidden): post-LayerNorm class token
+    pooler_output: Any  # (B, hidden): post-LayerNorm class token (transformers' CLIPVisionModel name)
     hidden_states: Any = None  # tuple: pre-LayerNorm'd embeddings, then each layer's output
 
 
@@ -275,8 +260,8 @@ class CLIPTextModel(nn.Module):
             eos_position = jnp.argmax(input_ids, axis=-1)
         else:
             eos_position = jnp.argmax((input_ids == c.eos_token_id).astype(jnp.int32), axis=-1)
-        pooled_output = last_hidden_state[jnp.arange(batch), eos_position]
-        return CLIPTextOutput(last_hidden_state, pooled_output, hidden_states)
+        pooler_output = last_hidden_state[jnp.arange(batch), eos_position]
+        return CLIPTextOutput(last_hidden_state, pooler_output, hidden_states)
 
 
 class CLIPVisionModelWithProjection(nn.Module):
@@ -317,6 +302,6 @@ class CLIPVisionModelWithProjection(nn.Module):
         x = LayerNorm(c.layer_norm_eps, name="pre_layrnorm", **kw)(x)  # (sic) transformers' name
         encoder = CLIPEncoder(c, self.attention_impl, self.remat, name="encoder", **kw)
         last_hidden_state, hidden_states = encoder(x, None, output_hidden_states)
-        pooled_output = LayerNorm(c.layer_norm_eps, name="post_layernorm", **kw)(last_hidden_state[:, 0])
-        image_embeds = dense(c.projection_dim, ("embed", "mlp"), use_bias=False, name="visual_projection", **kw)(pooled_output)
-        return CLIPVisionOutput(image_embeds, last_hidden_state, pooled_output, hidden_states)
+        pooler_output = LayerNorm(c.layer_norm_eps, name="post_layernorm", **kw)(last_hidden_state[:, 0])
+        image_embeds = dense(c.projection_dim, ("embed", "mlp"), use_bias=False, name="visual_projection", **kw)(pooler_output)
+        return CLIPVisionOutput(image_embeds, last_hidden_state, pooler_output, hidden_states)

@@ -11,7 +11,6 @@ load; ``save_clip_vision`` writes the ``CLIPVisionModelWithProjection`` layout.
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -22,7 +21,8 @@ import numpy as np
 
 from mema_jax.models import weights
 from mema_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
-from mema_jax.models.weights import CONV, IDENTITY, LINEAR, KeyMapping, WeightsError
+from mema_jax.models.tokenizer import CLIPTokenizer
+from mema_jax.models.weights import CONV, IDENTITY, LINEAR, KeyMapping
 
 TEXT_PREFIX = "text_model."
 VISION_PREFIX = "vision_model."
@@ -46,8 +46,9 @@ def _encoder_key_map(num_layers: int, torch_prefix: str) -> list[KeyMapping]:
     mappings = []
     for i in range(num_layers):
         ours, torch = f"encoder/layers_{i}", f"{torch_prefix}encoder.layers.{i}"
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            mappings += _linear(f"{ours}/self_attn/{proj}", f"{torch}.self_attn.{proj}")
+        # Our self-attention is layers.attention.Attention (to_q/to_k/to_v/to_out).
+        for ours_proj, torch_proj in (("to_q", "q_proj"), ("to_k", "k_proj"), ("to_v", "v_proj"), ("to_out", "out_proj")):
+            mappings += _linear(f"{ours}/self_attn/{ours_proj}", f"{torch}.self_attn.{torch_proj}")
         mappings += _layer_norm(f"{ours}/layer_norm1", f"{torch}.layer_norm1")
         mappings += _layer_norm(f"{ours}/layer_norm2", f"{torch}.layer_norm2")
         mappings += _linear(f"{ours}/mlp/fc1", f"{torch}.mlp.fc1")
@@ -80,15 +81,6 @@ def vision_key_map(config: CLIPVisionConfig) -> list[KeyMapping]:
     ]
 
 
-def _read_config(folder: str) -> dict:
-    path = os.path.join(folder, "config.json")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{path}: cannot read the model config: {e}") from e
-
-
 def _abstract_params(module, *inputs):
     return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *inputs))["params"]
 
@@ -113,7 +105,7 @@ def load_clip_text(folder: str | os.PathLike, *, dtype: Any = jnp.float32, param
     ``mesh`` every parameter is created directly with its sharding (logical names + ``rules``).
     """
     folder = os.fspath(folder)
-    config = CLIPTextConfig.from_dict(_read_config(folder), source=os.path.join(folder, "config.json"))
+    config = CLIPTextConfig.from_dict(weights.read_config(folder), source=os.path.join(folder, "config.json"))
     module = CLIPTextModel(config, attention_impl=attention_impl, remat=remat, dtype=dtype, param_dtype=param_dtype)
     params = text_params_from_state_dict(module, weights.read_state_dict(folder), source=folder, mesh=mesh, rules=rules)
     return module, params
@@ -123,7 +115,7 @@ def load_clip_vision(folder: str | os.PathLike, *, dtype: Any = jnp.float32, par
                      mesh=None, rules=None, attention_impl: str = "xla", remat: str = "none"):
     """A transformers ``CLIPVisionModelWithProjection`` folder -> (module, params)."""
     folder = os.fspath(folder)
-    config = CLIPVisionConfig.from_dict(_read_config(folder), source=os.path.join(folder, "config.json"))
+    config = CLIPVisionConfig.from_dict(weights.read_config(folder), source=os.path.join(folder, "config.json"))
     module = CLIPVisionModelWithProjection(config, attention_impl=attention_impl, remat=remat, dtype=dtype,
                                            param_dtype=param_dtype)
     flat = weights.read_state_dict(folder)
@@ -134,40 +126,27 @@ def load_clip_vision(folder: str | os.PathLike, *, dtype: Any = jnp.float32, par
 
 
 def _save(folder: str, config_dict: dict, tensors: dict[str, np.ndarray]):
-    os.makedirs(folder, exist_ok=True)
-    for name in ("config.json", WEIGHTS_FILE):
-        if os.path.exists(os.path.join(folder, name)):
-            raise FileExistsError(f"{os.path.join(folder, name)} exists; refusing to overwrite it")
-    weights.write_safetensors(os.path.join(folder, WEIGHTS_FILE), tensors, metadata={"format": "pt"})
-    weights.write_json(os.path.join(folder, "config.json"), config_dict)
+    weights.write_model_folder(folder, WEIGHTS_FILE, tensors, config_dict)  # refuses to overwrite
 
 
 def save_clip_text(folder: str | os.PathLike, module: CLIPTextModel, params) -> None:
-    """Writes config.json + model.safetensors that ``transformers.CLIPTextModel.from_pretrained`` loads."""
+    """Writes config.json + model.safetensors that ``transformers.CLIPTextModel.from_pretrained`` loads;
+    refuses to overwrite either (FileExistsError), as every saver here does."""
     _save(os.fspath(folder), module.config.to_dict(), weights.export_state_dict(params, text_key_map(module.config)))
 
 
 def save_clip_vision(folder: str | os.PathLike, module: CLIPVisionModelWithProjection, params) -> None:
-    """Writes the folder that ``transformers.CLIPVisionModelWithProjection.from_pretrained`` loads."""
+    """Writes the folder that ``transformers.CLIPVisionModelWithProjection.from_pretrained`` loads;
+    refuses to overwrite (FileExistsError), as every saver here does."""
     _save(os.fspath(folder), module.config.to_dict(), weights.export_state_dict(params, vision_key_map(module.config)))
 
 
-def load_tokenizer(folder: str | os.PathLike):
-    """The transformers ``CLIPTokenizer`` saved in a local folder (vocab.json + merges.txt, or tokenizer.json)."""
-    from transformers import CLIPTokenizer
-
-    folder = os.fspath(folder)
-    has_files = os.path.isfile(os.path.join(folder, "tokenizer.json")) or all(
-        os.path.isfile(os.path.join(folder, name)) for name in ("vocab.json", "merges.txt")
-    )
-    if not has_files:
-        listing = sorted(os.listdir(folder)) if os.path.isdir(folder) else "no such folder"
-        raise FileNotFoundError(f"{folder}: no CLIP tokenizer files (vocab.json + merges.txt or tokenizer.json); found {listing}")
-    return CLIPTokenizer.from_pretrained(folder)
+def load_tokenizer(folder: str | os.PathLike) -> CLIPTokenizer:
+    """The CLIP tokenizer saved in a local folder (vocab.json + merges.txt, or tokenizer.json): our
+    torch-free ``mema_jax.models.tokenizer.CLIPTokenizer``, which encodes as transformers' does."""
+    return CLIPTokenizer.from_folder(folder)
 
 
-def tokenize(tokenizer, prompts: str | Sequence[str], max_length: int = 77) -> np.ndarray:
+def tokenize(tokenizer: CLIPTokenizer, prompts: str | Sequence[str], max_length: int = 77) -> np.ndarray:
     """Token ids (N, max_length) int32, padded and truncated as Stable Diffusion does."""
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    encoded = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="np")
-    return np.asarray(encoded["input_ids"], dtype=np.int32)
+    return tokenizer(prompts, max_length=max_length)

@@ -9,33 +9,18 @@ LDM names (``model.diffusion_model.*``) is recognised and mapped as well.
 from __future__ import annotations
 
 import functools
-import json
-import os
 import re
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mema_jax.models import weights
+from mema_jax.models.convert_diffusers import diffusers_key, load_component, rename_by_prefix, save_component
 from mema_jax.models.unet import UNet2DConditionModel, UNetConfig, init_params
 
 LDM_UNET_PREFIX = "model.diffusion_model."
-_LIST_SEGMENT = re.compile(r"(down_blocks|up_blocks|resnets|attentions|transformer_blocks|downsamplers|upsamplers)_(\d+)")
-
-
-def diffusers_key(path: str) -> str:
-    """Our parameter path -> the diffusers state-dict key (UNet and VAE share these names)."""
-    segments = []
-    for seg in path.split("/"):
-        m = _LIST_SEGMENT.fullmatch(seg)
-        segments.append(f"{m[1]}.{m[2]}" if m else seg)
-    if segments[-1] in ("kernel", "scale"):
-        segments[-1] = "weight"
-    key = "." + ".".join(segments)
-    key = key.replace(".ff.proj_in.", ".ff.net.0.proj.").replace(".ff.proj_out.", ".ff.net.2.")
-    return key.replace(".to_out.", ".to_out.0.")[1:]
 
 
 def unet_key_map(abstract_params, config: UNetConfig) -> list[weights.KeyMapping]:
@@ -99,19 +84,6 @@ def ldm_unet_prefixes(config: UNetConfig) -> list[tuple[str, str, bool]]:
     return table
 
 
-def rename_by_prefix(key: str, table, inner_names: Mapping[str, str]) -> str:
-    """Replace the longest matching prefix; for resnet modules also rename the layer inside."""
-    best = max((row for row in table if key.startswith(row[0])), key=lambda row: len(row[0]), default=None)
-    if best is None:
-        raise KeyError(f"no LDM name for {key}")
-    prefix, new_prefix, is_resnet = best
-    rest = key[len(prefix):]
-    if is_resnet:
-        layer, _, leaf = rest.partition(".")
-        rest = f"{inner_names.get(layer, layer)}.{leaf}"
-    return new_prefix + rest
-
-
 def ldm_unet_key_map(abstract_params, config: UNetConfig, prefix: str = LDM_UNET_PREFIX) -> list[weights.KeyMapping]:
     """Key map to the UNet inside an original SD checkpoint (``model.diffusion_model.*``)."""
     table = ldm_unet_prefixes(config)
@@ -147,42 +119,7 @@ def load_unet(path, *, config=None, dtype=jnp.float32, param_dtype=jnp.float32, 
         LDM_UNET_PREFIX, unet_params_from_state_dict, mesh=mesh, rules=rules)
 
 
-def load_component(path, config, parse_config, make_module, ldm_prefix: str, params_from_state_dict, *,
-                   mesh=None, rules=None):
-    """The loading steps every diffusers component shares: config -> module -> state dict (diffusers
-    names, or LDM names under ``ldm_prefix`` when the file has them) -> params."""
-    path = os.fspath(path)
-    try:
-        model_config = parse_config(_read_config(path, config))
-    except ValueError as err:
-        if isinstance(err, weights.WeightsError):
-            raise
-        raise weights.WeightsError(f"{path}: {err}") from err
-    module = make_module(model_config)
-    flat = weights.read_state_dict(path)
-    prefix = ldm_prefix if any(k.startswith(ldm_prefix) for k in flat) else None
-    if prefix is not None:
-        flat = {k: v for k, v in flat.items() if k.startswith(prefix)}
-    return module, params_from_state_dict(module, flat, source=path, mesh=mesh, rules=rules, ldm_prefix=prefix)
-
-
-def _read_config(path: str, config) -> dict[str, Any]:
-    if isinstance(config, Mapping):
-        return dict(config)
-    if config is None:
-        folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-        config = os.path.join(folder, "config.json")
-    try:
-        with open(config) as f:
-            return json.load(f)
-    except (OSError, ValueError) as err:
-        raise weights.WeightsError(f"{path}: cannot read the model config {config}: {err}") from err
-
-
 def save_unet(folder, module: UNet2DConditionModel, params) -> None:
-    """Writes ``config.json`` and ``diffusion_pytorch_model.safetensors`` (diffusers format)."""
-    folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
-    tensors = weights.export_state_dict(params, unet_key_map(params, module.config))
-    weights.write_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"), tensors, {"format": "pt"})
-    weights.write_json(os.path.join(folder, "config.json"), module.config.to_dict())
+    """Writes ``config.json`` and ``diffusion_pytorch_model.safetensors`` (diffusers format) into
+    ``folder``; refuses to overwrite either (FileExistsError), as every saver here does."""
+    save_component(folder, module.config.to_dict(), params, unet_key_map(params, module.config))

@@ -3,7 +3,6 @@ checkpoint) key names (``first_stage_model.*``)."""
 from __future__ import annotations
 
 import functools
-import os
 from typing import Mapping
 
 import jax
@@ -11,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mema_jax.models import weights
-from mema_jax.models.convert_unet import diffusers_key, load_component, rename_by_prefix
+from mema_jax.models.convert_diffusers import diffusers_key, load_component, rename_by_prefix, save_component
 from mema_jax.models.vae import AutoencoderKL, VAEConfig, init_params
 
 LDM_VAE_PREFIX = "first_stage_model."
@@ -110,9 +109,6 @@ def load_vae(path, *, config=None, dtype=jnp.float32, param_dtype=jnp.float32, a
 
 
 def save_vae(folder, module: AutoencoderKL, params) -> None:
-    """Writes ``config.json`` and ``diffusion_pytorch_model.safetensors`` (diffusers format)."""
-    folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
-    tensors = weights.export_state_dict(params, vae_key_map(params))
-    weights.write_safetensors(os.path.join(folder, "diffusion_pytorch_model.safetensors"), tensors, {"format": "pt"})
-    weights.write_json(os.path.join(folder, "config.json"), module.config.to_dict())
+    """Writes ``config.json`` and ``diffusion_pytorch_model.safetensors`` (diffusers format) into
+    ``folder``; refuses to overwrite either (FileExistsError), as every saver here does."""
+    save_component(folder, module.config.to_dict(), params, vae_key_map(params))

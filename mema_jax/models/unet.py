@@ -2,7 +2,8 @@
 
 Built from a diffusers ``config.json`` dict (``UNetConfig.from_dict``); the same code builds the
 SD1.5 UNet and the tiny test configs.  Options not used by SD1.x/SD2.x configs are rejected with
-an error naming them rather than silently ignored.
+an error naming them rather than silently ignored.  ``upcast_attention`` (True in SD2.x) asks for
+float32 attention logits and softmax, which every attention here computes, whatever the setting.
 """
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mema_jax.core.sharding import constrain
+from mema_jax.models.diffusers_config import check_class_and_options, frozen_items, thawed
 from mema_jax.models.layers.attention import check_attention_impl
+from mema_jax.models.layers.axes import IMAGE_AXES, TOKEN_AXES
 from mema_jax.models.layers.embeddings import TimestepEmbedding, timestep_embedding
 from mema_jax.models.layers.linear import conv2d
 from mema_jax.models.layers import remat as layers_remat
 from mema_jax.models.layers.norm import GroupNorm
 from mema_jax.models.layers.remat import REMAT_POLICIES  # noqa: F401  (the UNet's accepted policies)
-from mema_jax.models.layers.resnet import IMAGE_AXES, Downsample2D, ResnetBlock2D, Upsample2D
+from mema_jax.models.layers.resnet_block import Downsample2D, ResnetBlock2D, Upsample2D
 from mema_jax.models.layers.transformer import Transformer2D
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -83,7 +86,9 @@ class UNetConfig:
     transformer_layers_per_block: tuple[int, ...] = (1, 1, 1, 1)
     num_heads: tuple[int, ...] = (8, 8, 8, 8)  # diffusers: num_attention_heads or attention_head_dim
     use_linear_projection: bool = False
-    upcast_attention: bool = False  # kept for the config; logits and softmax are always float32 here
+    # diffusers: q.k and softmax in float32.  Our attention always does that (layers.attention), so
+    # True holds by construction and False keeps float32 too (as diffusers' default SDPA processor).
+    upcast_attention: bool = False
     resnet_out_scale_factor: float = 1.0
     time_embedding_dim: int | None = None
     conv_in_kernel: int = 3
@@ -94,16 +99,10 @@ class UNetConfig:
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> "UNetConfig":
         config = dict(config)
-        class_name = config.get("_class_name", "UNet2DConditionModel")
-        if class_name != "UNet2DConditionModel":
-            raise ValueError(f"UNet config: _class_name is {class_name!r}, expected 'UNet2DConditionModel'")
-        known = {f.name for f in dataclasses.fields(cls)} - {"layers_per_block", "num_heads", "raw"}
-        known |= {"layers_per_block", "attention_head_dim", "num_attention_heads", "only_cross_attention",
-                  "mid_block_only_cross_attention"}
-        known |= set(_FIXED_OPTIONS) | set(_IGNORED_OPTIONS)
-        unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
-        if unknown:
-            raise ValueError(f"UNet config: unknown options {unknown}")
+        known = {f.name for f in dataclasses.fields(cls)} - {"num_heads", "raw"}
+        known |= {"attention_head_dim", "num_attention_heads", "only_cross_attention", "mid_block_only_cross_attention"}
+        check_class_and_options(config, what="UNet config", class_name="UNet2DConditionModel",
+                                known=known | set(_FIXED_OPTIONS) | set(_IGNORED_OPTIONS))
         unsupported = {k: config[k] for k, v in _FIXED_OPTIONS.items() if k in config and config[k] != v}
         for key in ("only_cross_attention", "mid_block_only_cross_attention"):
             value = config.get(key)
@@ -160,13 +159,13 @@ class UNetConfig:
             conv_in_kernel=int(config.get("conv_in_kernel", 3)),
             conv_out_kernel=int(config.get("conv_out_kernel", 3)),
             sample_size=config.get("sample_size"),
-            raw=tuple(sorted((k, _freeze(v)) for k, v in config.items())),
+            raw=frozen_items(config),
         )
 
     def to_dict(self) -> dict[str, Any]:
         """A diffusers config.json dict (the loaded one, or one built from these fields)."""
         if self.raw:
-            out = {k: _thaw(v) for k, v in self.raw}
+            out = thawed(self.raw)
         else:
             out = {
                 "in_channels": self.in_channels, "out_channels": self.out_channels,
@@ -189,14 +188,6 @@ class UNetConfig:
     @property
     def time_embed_dim(self) -> int:
         return self.time_embedding_dim or self.block_out_channels[0] * 4
-
-
-def _freeze(v):
-    return tuple(_freeze(x) for x in v) if isinstance(v, list) else v
-
-
-def _thaw(v):
-    return [_thaw(x) for x in v] if isinstance(v, tuple) else v
 
 
 def remat_block(cls, policy: str):
@@ -227,16 +218,15 @@ class _BlockOptions:
         return block(heads, channels // heads, num_layers, self.norm_num_groups, self.dropout, self.attention_impl, name=name, **self.kw)
 
 
-class UNetDownBlock(nn.Module):
-    """CrossAttnDownBlock2D (``has_attention``) or DownBlock2D: [resnet, (transformer)] x N, downsample."""
+class _UNetLevelBlock(nn.Module):
+    """What a down and an up block share: N resnets, each followed by a transformer when
+    ``has_attention`` (the CrossAttn* block types)."""
 
     out_channels: int
     num_layers: int
     has_attention: bool
-    add_downsample: bool
     heads: int
     transformer_layers: int
-    downsample_padding: int
     resnet_scale: float
     options: _BlockOptions
 
@@ -246,15 +236,27 @@ class UNetDownBlock(nn.Module):
         if self.has_attention:
             self.attentions = [o.transformer(self.out_channels, self.heads, self.transformer_layers, f"attentions_{i}")
                                for i in range(self.num_layers)]
+
+    def layer(self, i, x, temb, context, deterministic):
+        x = self.resnets[i](x, temb, deterministic)
+        return self.attentions[i](x, context, deterministic) if self.has_attention else x
+
+
+class UNetDownBlock(_UNetLevelBlock):
+    """CrossAttnDownBlock2D (``has_attention``) or DownBlock2D: [resnet, (transformer)] x N, downsample."""
+
+    add_downsample: bool
+    downsample_padding: int
+
+    def setup(self):
+        super().setup()
         if self.add_downsample:
-            self.downsamplers_0 = Downsample2D(self.out_channels, self.downsample_padding, **o.kw)
+            self.downsamplers_0 = Downsample2D(self.out_channels, self.downsample_padding, **self.options.kw)
 
     def __call__(self, x, temb, context, deterministic):
         states = []
-        for i, resnet in enumerate(self.resnets):
-            x = resnet(x, temb, deterministic)
-            if self.has_attention:
-                x = self.attentions[i](x, context, deterministic)
+        for i in range(self.num_layers):
+            x = self.layer(i, x, temb, context, deterministic)
             states.append(x)
         if self.add_downsample:
             x = self.downsamplers_0(x)
@@ -282,33 +284,19 @@ class UNetMidBlock(nn.Module):
         return self.resnets[1](x, temb, deterministic)
 
 
-class UNetUpBlock(nn.Module):
+class UNetUpBlock(_UNetLevelBlock):
     """CrossAttnUpBlock2D or UpBlock2D: [concat skip, resnet, (transformer)] x N, upsample."""
 
-    out_channels: int
-    num_layers: int
-    has_attention: bool
     add_upsample: bool
-    heads: int
-    transformer_layers: int
-    resnet_scale: float
-    options: _BlockOptions
 
     def setup(self):
-        o = self.options
-        self.resnets = [o.resnet(self.out_channels, f"resnets_{i}", self.resnet_scale) for i in range(self.num_layers)]
-        if self.has_attention:
-            self.attentions = [o.transformer(self.out_channels, self.heads, self.transformer_layers, f"attentions_{i}")
-                               for i in range(self.num_layers)]
+        super().setup()
         if self.add_upsample:
-            self.upsamplers_0 = Upsample2D(self.out_channels, **o.kw)
+            self.upsamplers_0 = Upsample2D(self.out_channels, **self.options.kw)
 
     def __call__(self, x, skips, temb, context, deterministic, upsample_size=None):
-        for i, resnet in enumerate(self.resnets):
-            x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
-            x = resnet(x, temb, deterministic)
-            if self.has_attention:
-                x = self.attentions[i](x, context, deterministic)
+        for i in range(self.num_layers):
+            x = self.layer(i, jnp.concatenate([x, skips[-1 - i]], axis=-1), temb, context, deterministic)
         if self.add_upsample:
             x = self.upsamplers_0(x, upsample_size)
         return x
@@ -334,37 +322,27 @@ class UNet2DConditionModel(nn.Module):
         n = len(c.block_out_channels)
         self.conv_in = conv2d(c.block_out_channels[0], c.conv_in_kernel, padding=(c.conv_in_kernel - 1) // 2, **kw)
         self.time_embedding = TimestepEmbedding(c.time_embed_dim, **kw)
+
+        def level(index: int, block_type: str, extra_layers: int) -> dict:
+            """The arguments of a down or up block at resolution level ``index``."""
+            return dict(out_channels=c.block_out_channels[index], num_layers=c.layers_per_block[index] + extra_layers,
+                        has_attention=block_type.startswith("CrossAttn"), heads=c.num_heads[index],
+                        transformer_layers=c.transformer_layers_per_block[index],
+                        resnet_scale=c.resnet_out_scale_factor, options=o)
+
         self.down_blocks = [
-            UNetDownBlock(
-                out_channels=c.block_out_channels[i],
-                num_layers=c.layers_per_block[i],
-                has_attention=c.down_block_types[i] == "CrossAttnDownBlock2D",
-                add_downsample=i < n - 1,
-                heads=c.num_heads[i],
-                transformer_layers=c.transformer_layers_per_block[i],
-                downsample_padding=c.downsample_padding,
-                resnet_scale=c.resnet_out_scale_factor,
-                options=o,
-                name=f"down_blocks_{i}",
-            )
+            UNetDownBlock(**level(i, c.down_block_types[i], 0), add_downsample=i < n - 1,
+                          downsample_padding=c.downsample_padding, name=f"down_blocks_{i}")
             for i in range(n)
         ]
         if c.mid_block_type is not None:
             self.mid_block = UNetMidBlock(
                 c.block_out_channels[-1], c.num_heads[-1], c.transformer_layers_per_block[-1], c.mid_block_scale_factor, o
             )
+        # Up block i mirrors level n-1-i with one resnet more: it also takes the skip of that level's
+        # downsampler (or of conv_in).
         self.up_blocks = [
-            UNetUpBlock(
-                out_channels=c.block_out_channels[n - 1 - i],
-                num_layers=c.layers_per_block[n - 1 - i] + 1,
-                has_attention=c.up_block_types[i] == "CrossAttnUpBlock2D",
-                add_upsample=i < n - 1,
-                heads=c.num_heads[n - 1 - i],
-                transformer_layers=c.transformer_layers_per_block[n - 1 - i],
-                resnet_scale=c.resnet_out_scale_factor,
-                options=o,
-                name=f"up_blocks_{i}",
-            )
+            UNetUpBlock(**level(n - 1 - i, c.up_block_types[i], 1), add_upsample=i < n - 1, name=f"up_blocks_{i}")
             for i in range(n)
         ]
         self.conv_norm_out = GroupNorm(c.norm_num_groups, c.norm_eps, **kw)
@@ -382,7 +360,7 @@ class UNet2DConditionModel(nn.Module):
         temb = self.time_embedding(t_emb.astype(self.dtype))
         context = None
         if encoder_hidden_states is not None:
-            context = constrain(encoder_hidden_states.astype(self.dtype), ("act_batch", "act_length", "act_embed"))
+            context = constrain(encoder_hidden_states.astype(self.dtype), TOKEN_AXES)
         x = constrain(self.conv_in(sample), IMAGE_AXES)
         return x, temb, context
 

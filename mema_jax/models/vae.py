@@ -15,10 +15,12 @@ from flax import linen as nn
 from flax import struct
 
 from mema_jax.core.sharding import constrain
+from mema_jax.models.diffusers_config import check_class_and_options, frozen_items, thawed
 from mema_jax.models.layers.attention import SpatialSelfAttention, check_attention_impl
 from mema_jax.models.layers.linear import conv2d
 from mema_jax.models.layers.norm import GroupNorm
-from mema_jax.models.layers.resnet import IMAGE_AXES, Downsample2D, ResnetBlock2D, Upsample2D
+from mema_jax.models.layers.axes import IMAGE_AXES
+from mema_jax.models.layers.resnet_block import Downsample2D, ResnetBlock2D, Upsample2D
 from mema_jax.models.unet import remat_block
 
 _VAE_EPS = 1e-6  # diffusers' Encoder/Decoder fix every GroupNorm epsilon to 1e-6
@@ -43,14 +45,9 @@ class VAEConfig:
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> "VAEConfig":
         config = dict(config)
-        class_name = config.get("_class_name", "AutoencoderKL")
-        if class_name != "AutoencoderKL":
-            raise ValueError(f"VAE config: _class_name is {class_name!r}, expected 'AutoencoderKL'")
         known = {f.name for f in dataclasses.fields(cls)} - {"raw"}
-        known |= {"down_block_types", "up_block_types", "act_fn"} | set(_IGNORED_OPTIONS)
-        unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
-        if unknown:
-            raise ValueError(f"VAE config: unknown options {unknown}")
+        check_class_and_options(config, what="VAE config", class_name="AutoencoderKL",
+                                known=known | {"down_block_types", "up_block_types", "act_fn", *_IGNORED_OPTIONS})
         channels = tuple(int(c) for c in config.get("block_out_channels", cls.block_out_channels))
         down = tuple(config.get("down_block_types", ("DownEncoderBlock2D",) * len(channels)))
         up = tuple(config.get("up_block_types", ("UpDecoderBlock2D",) * len(channels)))
@@ -78,12 +75,12 @@ class VAEConfig:
             use_quant_conv=bool(config.get("use_quant_conv", True)),
             use_post_quant_conv=bool(config.get("use_post_quant_conv", True)),
             mid_block_add_attention=bool(config.get("mid_block_add_attention", True)),
-            raw=tuple(sorted((k, _freeze(v)) for k, v in config.items())),
+            raw=frozen_items(config),
         )
 
     def to_dict(self) -> dict[str, Any]:
         if self.raw:
-            out = {k: _thaw(v) for k, v in self.raw}
+            out = thawed(self.raw)
         else:
             n = len(self.block_out_channels)
             out = {
@@ -97,14 +94,6 @@ class VAEConfig:
             }
         out["_class_name"] = "AutoencoderKL"
         return out
-
-
-def _freeze(v):
-    return tuple(_freeze(x) for x in v) if isinstance(v, list) else v
-
-
-def _thaw(v):
-    return [_thaw(x) for x in v] if isinstance(v, tuple) else v
 
 
 @struct.dataclass
@@ -139,6 +128,12 @@ class DiagonalGaussian:
         return 0.5 * jnp.sum(jnp.square(self.mean) + self.var - 1.0 - self.logvar, axis=(1, 2, 3))
 
 
+def _resnet(channels: int, num_groups: int, remat: str, name: str, **kw):
+    """A ResnetBlock2D without time input at the VAE's epsilon, as a function of x."""
+    block = remat_block(ResnetBlock2D, remat)(channels, num_groups, _VAE_EPS, name=name, **kw)
+    return lambda x: block(x, None, True)
+
+
 class VAEMidBlock(nn.Module):
     """resnet, (self-attention), resnet: diffusers ``UNetMidBlock2D`` without a time embedding."""
 
@@ -153,20 +148,20 @@ class VAEMidBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        resnet = remat_block(ResnetBlock2D, self.remat)
-        x = resnet(self.channels, self.num_groups, _VAE_EPS, name="resnets_0", **kw)(x, None, True)
+        x = _resnet(self.channels, self.num_groups, self.remat, "resnets_0", **kw)(x)
         if self.add_attention:
             x = SpatialSelfAttention(self.num_groups, _VAE_EPS, self.attention_impl, name="attentions_0", **kw)(x)
-        return resnet(self.channels, self.num_groups, _VAE_EPS, name="resnets_1", **kw)(x, None, True)
+        return _resnet(self.channels, self.num_groups, self.remat, "resnets_1", **kw)(x)
 
 
-class VAEDownBlock(nn.Module):
-    """DownEncoderBlock2D: resnets, then (unless last) the asymmetric-padding stride-2 conv."""
+class VAEBlock(nn.Module):
+    """Resnets, then ``resample``: "down" (DownEncoderBlock2D's asymmetric-padding stride-2 conv),
+    "up" (UpDecoderBlock2D's nearest x2 + conv) or None (the last block of either)."""
 
     channels: int
     num_layers: int
     num_groups: int
-    add_downsample: bool
+    resample: str | None
     remat: str
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -174,77 +169,62 @@ class VAEDownBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        resnet = remat_block(ResnetBlock2D, self.remat)
         for j in range(self.num_layers):
-            x = resnet(self.channels, self.num_groups, _VAE_EPS, name=f"resnets_{j}", **kw)(x, None, True)
-        if self.add_downsample:
+            x = _resnet(self.channels, self.num_groups, self.remat, f"resnets_{j}", **kw)(x)
+        if self.resample == "down":
             x = Downsample2D(self.channels, padding=0, name="downsamplers_0", **kw)(x)
-        return x
-
-
-class VAEUpBlock(nn.Module):
-    """UpDecoderBlock2D: resnets, then (unless last) nearest x2 + conv."""
-
-    channels: int
-    num_layers: int
-    num_groups: int
-    add_upsample: bool
-    remat: str
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        resnet = remat_block(ResnetBlock2D, self.remat)
-        for j in range(self.num_layers):
-            x = resnet(self.channels, self.num_groups, _VAE_EPS, name=f"resnets_{j}", **kw)(x, None, True)
-        if self.add_upsample:
+        elif self.resample == "up":
             x = Upsample2D(self.channels, name="upsamplers_0", **kw)(x)
         return x
 
 
-class Encoder(nn.Module):
+class _Coder(nn.Module):
+    """What the encoder and the decoder share: their options, the mid block and the output head."""
+
     config: VAEConfig
     attention_impl: str = "xla"
     remat: str = "none"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
+    @property
+    def kw(self):
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def mid_block(self, x):
+        c = self.config
+        return VAEMidBlock(c.block_out_channels[-1], c.norm_num_groups, c.mid_block_add_attention, self.attention_impl,
+                           self.remat, name="mid_block", **self.kw)(x)
+
+    def block(self, x, i: int, channels: int, num_layers: int, resample: str):
+        """Block ``i`` of the stack; the last one does not resample."""
+        last = i == len(self.config.block_out_channels) - 1
+        return VAEBlock(channels, num_layers, self.config.norm_num_groups, None if last else resample, self.remat,
+                        name=f"{resample}_blocks_{i}", **self.kw)(x)
+
+    def output(self, x, features: int):
+        x = nn.silu(GroupNorm(self.config.norm_num_groups, _VAE_EPS, name="conv_norm_out", **self.kw)(x))
+        return conv2d(features, name="conv_out", **self.kw)(x)
+
+
+class Encoder(_Coder):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = conv2d(c.block_out_channels[0], name="conv_in", **kw)(x)
+        x = conv2d(c.block_out_channels[0], name="conv_in", **self.kw)(x)
         for i, channels in enumerate(c.block_out_channels):
-            last = i == len(c.block_out_channels) - 1
-            x = VAEDownBlock(channels, c.layers_per_block, c.norm_num_groups, not last, self.remat, name=f"down_blocks_{i}", **kw)(x)
-        x = VAEMidBlock(c.block_out_channels[-1], c.norm_num_groups, c.mid_block_add_attention, self.attention_impl,
-                        self.remat, name="mid_block", **kw)(x)
-        x = nn.silu(GroupNorm(c.norm_num_groups, _VAE_EPS, name="conv_norm_out", **kw)(x))
-        return conv2d(2 * c.latent_channels, name="conv_out", **kw)(x)
+            x = self.block(x, i, channels, c.layers_per_block, "down")
+        return self.output(self.mid_block(x), 2 * c.latent_channels)
 
 
-class Decoder(nn.Module):
-    config: VAEConfig
-    attention_impl: str = "xla"
-    remat: str = "none"
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
+class Decoder(_Coder):
     @nn.compact
     def __call__(self, z):
         c = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = conv2d(c.block_out_channels[-1], name="conv_in", **kw)(z)
-        x = VAEMidBlock(c.block_out_channels[-1], c.norm_num_groups, c.mid_block_add_attention, self.attention_impl,
-                        self.remat, name="mid_block", **kw)(x)
-        reversed_channels = tuple(reversed(c.block_out_channels))
-        for i, channels in enumerate(reversed_channels):
-            last = i == len(reversed_channels) - 1
-            x = VAEUpBlock(channels, c.layers_per_block + 1, c.norm_num_groups, not last, self.remat, name=f"up_blocks_{i}", **kw)(x)
-        x = nn.silu(GroupNorm(c.norm_num_groups, _VAE_EPS, name="conv_norm_out", **kw)(x))
-        return conv2d(c.out_channels, name="conv_out", **kw)(x)
+        x = self.mid_block(conv2d(c.block_out_channels[-1], name="conv_in", **self.kw)(z))
+        for i, channels in enumerate(reversed(c.block_out_channels)):
+            x = self.block(x, i, channels, c.layers_per_block + 1, "up")
+        return self.output(x, c.out_channels)
 
 
 class AutoencoderKL(nn.Module):

@@ -22,10 +22,10 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 
 from mema_jax.core import sharding as sharding_lib
 from mema_jax.fileio import atomic_file, atomic_write_bytes
+from mema_jax.models import param_tree
 
 
 class WeightsError(ValueError):
@@ -98,7 +98,7 @@ def key_map_from_params(
     and the transform computed from our path (and shape) by the model's naming functions."""
     out = []
     for path, leaf in flatten_paths(abstract_params).items():
-        shape = tuple((leaf.value if _is_box(leaf) else leaf).shape)
+        shape = tuple(_unboxed(leaf).shape)
         out.append(KeyMapping(path, torch_key(path), transform(path, shape)))
     return out
 
@@ -219,36 +219,47 @@ def write_json(path: str | os.PathLike, obj: Any):
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def read_config(path: str | os.PathLike, config: Mapping[str, Any] | str | os.PathLike | None = None) -> dict[str, Any]:
+    """A model's config dict: ``config`` itself when it is a mapping, else the JSON file it names,
+    else the ``config.json`` in the folder ``path`` (or beside the weight file ``path``)."""
+    path = os.fspath(path)
+    if isinstance(config, Mapping):
+        return dict(config)
+    if config is None:
+        folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        config = os.path.join(folder, "config.json")
+    try:
+        with open(config) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise WeightsError(f"{path}: cannot read the model config {os.fspath(config)}: {err}") from err
+
+
+def write_model_folder(folder: str | os.PathLike, weights_file: str, tensors: Mapping[str, np.ndarray],
+                       config: Mapping[str, Any]) -> None:
+    """Writes ``config.json`` and the safetensors file ``weights_file`` into ``folder`` (created if
+    needed): the one rule of every saver here.  An existing config.json or weights file is never
+    overwritten -- FileExistsError before anything is written; each file is written atomically."""
+    folder = os.fspath(folder)
+    targets = [os.path.join(folder, name) for name in (weights_file, "config.json")]
+    taken = [t for t in targets if os.path.exists(t)]
+    if taken:
+        raise FileExistsError(f"{', '.join(taken)} exists; refusing to overwrite it (save into a new folder)")
+    os.makedirs(folder, exist_ok=True)
+    write_safetensors(targets[0], tensors, {"format": "pt"})
+    write_json(targets[1], config)
+
+
 # ----------------------------------------------------------------------------------------------
 # State dict <-> parameter tree.
 
 
-def _is_box(x) -> bool:
-    return isinstance(x, nn.Partitioned)
+def _unboxed(leaf):
+    return leaf.value if sharding_lib.is_box(leaf) else leaf
 
 
-def flatten_paths(tree) -> dict[str, Any]:
-    """{"a/b/c": leaf} for a nested dict; flax Partitioned boxes count as leaves."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_box)
-    return {"/".join(_key_name(k) for k in path): leaf for path, leaf in flat}
-
-
-def _key_name(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict:
-    out: dict = {}
-    for path, value in flat.items():
-        node = out
-        *parents, last = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return out
+# {"a/b/c": leaf} for a nested dict (boxes count as leaves); the name the converters and tests use.
+flatten_paths = param_tree.flatten
 
 
 def _check_key_map(key_map: KeyMap, our_paths: Iterable[str]):
@@ -303,7 +314,7 @@ def load_into(
         if m.torch not in flat:
             continue
         leaf = abstract_flat[m.ours]
-        want = tuple((leaf.value if _is_box(leaf) else leaf).shape)
+        want = tuple(_unboxed(leaf).shape)
         tensor = np.asarray(flat[m.torch])
         if m.transform.torch_ndim is not None and tensor.ndim != m.transform.torch_ndim:
             misshaped.append(f"{m.torch}: shape {tuple(tensor.shape)}, expected a {m.transform.torch_ndim}-d tensor for {m.ours} {want}")
@@ -331,18 +342,18 @@ def load_into(
     placed = {}
     for path, value in converted.items():
         leaf = abstract_flat[path]
-        target_dtype = dtype if dtype is not None else (leaf.value if _is_box(leaf) else leaf).dtype
+        target_dtype = dtype if dtype is not None else _unboxed(leaf).dtype
         value = np.asarray(value, dtype=target_dtype)
         if shardings is None:
             placed[path] = jnp.asarray(value)
         else:
             placed[path] = jax.make_array_from_callback(value.shape, shardings[path], lambda index, v=value: v[index])
-    return _unflatten(placed)
+    return param_tree.unflatten(placed)
 
 
 def export_state_dict(params, key_map: KeyMap) -> dict[str, np.ndarray]:
     """The inverse of ``load_into``: a torch-layout state dict from our (unboxed or boxed) params."""
-    flat = {k: (v.value if _is_box(v) else v) for k, v in flatten_paths(params).items()}
+    flat = {k: _unboxed(v) for k, v in flatten_paths(params).items()}
     _check_key_map(key_map, flat)
     out = {}
     for m in key_map:

@@ -19,7 +19,6 @@ import functools
 import os
 from collections.abc import Sequence
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -28,7 +27,7 @@ import numpy as np
 from flax import linen as nn
 
 from mema_jax.core import sharding
-from mema_jax.fileio import atomic_file
+from mema_jax.fileio import write_png
 from mema_jax.models.convert_clip import load_clip_text, load_tokenizer, tokenize
 from mema_jax.models.convert_unet import load_unet
 from mema_jax.models.convert_vae import load_vae
@@ -187,14 +186,6 @@ class StableDiffusionPipeline:
         if output_type == "float":
             return images
         return (images * 255).round().astype(np.uint8)
-
-
-def write_png(path: str, image: np.ndarray) -> None:
-    """Writes one uint8 (H, W, 3) image atomically (temp file in the same folder, then os.replace)."""
-    from PIL import Image
-
-    with atomic_file(Path(path)) as tmp:
-        Image.fromarray(image).save(tmp, format="PNG")
 
 
 def output_paths(out: str, count: int) -> list[str]:

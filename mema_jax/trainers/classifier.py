@@ -18,7 +18,7 @@ from mema_jax.core import loop
 from mema_jax.core import train_state as ts
 from mema_jax.core.optim import make_optimizer
 from mema_jax.data import layout, pipeline
-from mema_jax.models.resnet import ResNetClassifier
+from mema_jax.models.resnet_classifier import ResNetClassifier
 
 
 def make_model(config, precision: ts.Precision) -> ResNetClassifier:

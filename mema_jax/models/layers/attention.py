@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mema_jax.core.sharding import constrain
+from mema_jax.models.layers.axes import IMAGE_AXES
 from mema_jax.models.layers.linear import dense
 from mema_jax.models.layers.norm import GroupNorm
 
@@ -30,6 +31,10 @@ def dot_product_attention(query, key, value, *, impl: str = "xla", scale: float 
     cuDNN flash kernel and falls back to XLA where cuDNN refuses the shape (the check happens at
     trace time); elsewhere it is the XLA implementation.
     ``mask``: optional boolean, broadcastable to (B, H, Lq, Lk), True = attend.
+
+    Either way the logits q.k are accumulated in float32 and the softmax runs in float32 (so do
+    jax.nn's XLA path and cuDNN's kernel): diffusers' ``upcast_attention=True`` holds for every
+    model.  Products of bf16/fp16 numbers are exact in float32, so this equals upcasting q and k.
     """
     head_dim = query.shape[-1]
     scale = head_dim**-0.5 if scale is None else scale
@@ -53,9 +58,10 @@ def dot_product_attention(query, key, value, *, impl: str = "xla", scale: float 
 class Attention(nn.Module):
     """q/k/v projections, multi-head attention, output projection (diffusers ``Attention``).
 
-    ``context`` (cross-attention keys/values) defaults to ``x`` (self-attention).  The steps are
-    separate methods so that an extension (e.g. IP-Adapter's extra image-token keys/values) can
-    reuse ``heads_of`` / ``attend`` and add its own projections.
+    ``context`` (cross-attention keys/values) defaults to ``x`` (self-attention).  ``mask``
+    (optional, boolean, broadcastable to (B, H, Lq, Lk), True = attend) serves CLIP's causal text
+    tower.  The steps are separate methods so that an extension (e.g. IP-Adapter's extra
+    image-token keys/values) can reuse ``heads_of`` / ``attend`` and add its own projections.
     """
 
     heads: int
@@ -78,12 +84,13 @@ class Attention(nn.Module):
         """(B, L, H*D) -> (B, L, H, D)"""
         return x.reshape(x.shape[0], x.shape[1], self.heads, self.head_dim)
 
-    def attend(self, query, key, value):
-        return dot_product_attention(query, key, value, impl=self.attention_impl)
+    def attend(self, query, key, value, mask=None):
+        return dot_product_attention(query, key, value, impl=self.attention_impl, mask=mask)
 
-    def __call__(self, x, context=None):
+    def __call__(self, x, context=None, mask=None):
         context = x if context is None else context
-        out = self.attend(self.heads_of(self.to_q(x)), self.heads_of(self.to_k(context)), self.heads_of(self.to_v(context)))
+        out = self.attend(self.heads_of(self.to_q(x)), self.heads_of(self.to_k(context)), self.heads_of(self.to_v(context)),
+                          mask)
         out = out.reshape(out.shape[0], out.shape[1], self.heads * self.head_dim)
         return self.to_out(out)
 
@@ -113,4 +120,4 @@ class SpatialSelfAttention(nn.Module):
             name="attention",
         )(h)
         out = x + h.reshape(batch, height, width, channels)
-        return constrain(out, ("act_batch", "act_height", "act_width", "act_channels"))
+        return constrain(out, IMAGE_AXES)

@@ -10,10 +10,9 @@ from flax import linen as nn
 
 from mema_jax.core.sharding import constrain
 from mema_jax.models.layers.attention import Attention
+from mema_jax.models.layers.axes import IMAGE_AXES, TOKEN_AXES
 from mema_jax.models.layers.linear import dense
 from mema_jax.models.layers.norm import GroupNorm, LayerNorm
-
-TOKEN_AXES = ("act_batch", "act_length", "act_embed")
 
 
 class GEGLUFeedForward(nn.Module):
@@ -83,4 +82,4 @@ class Transformer2D(nn.Module):
             )(h, context, deterministic)
         h = dense(channels, ("mlp", "embed"), name="proj_out", **kw)(h)
         out = x + h.reshape(batch, height, width, channels)
-        return constrain(out, ("act_batch", "act_height", "act_width", "act_channels"))
+        return constrain(out, IMAGE_AXES)

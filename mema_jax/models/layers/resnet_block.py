@@ -8,10 +8,9 @@ import numpy as np
 from flax import linen as nn
 
 from mema_jax.core.sharding import constrain
+from mema_jax.models.layers.axes import IMAGE_AXES
 from mema_jax.models.layers.linear import conv2d, dense
 from mema_jax.models.layers.norm import GroupNorm
-
-IMAGE_AXES = ("act_batch", "act_height", "act_width", "act_channels")
 
 
 class ResnetBlock2D(nn.Module):

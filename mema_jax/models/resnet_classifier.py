@@ -12,15 +12,15 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from mema_jax.core.sharding import constrain
+from mema_jax.models.layers.axes import IMAGE_AXES
+from mema_jax.models.layers.linear import CONV_KERNEL_AXES
 from mema_jax.models.layers.remat import remat_block
-
-CONV_AXES = ("conv_h", "conv_w", "conv_in", "conv_out")
 
 
 def conv(features: int, kernel: int, stride: int, dtype, param_dtype, name: str | None = None) -> nn.Conv:
     return nn.Conv(
         features, (kernel, kernel), strides=(stride, stride), padding=kernel // 2, use_bias=False, dtype=dtype,
-        param_dtype=param_dtype, kernel_init=nn.with_logical_partitioning(nn.initializers.he_normal(), CONV_AXES),
+        param_dtype=param_dtype, kernel_init=nn.with_logical_partitioning(nn.initializers.he_normal(), CONV_KERNEL_AXES),
         name=name,
     )
 
@@ -72,7 +72,7 @@ class ResNetClassifier(nn.Module):
             for b in range(self.blocks_per_stage):
                 stride = 2 if (b == 0 and stage > 0) else 1
                 x = block_cls(width, stride, self.groups, self.dtype, self.param_dtype, name=f"stage{stage}_block{b}")(x)
-                x = constrain(x, ("act_batch", "act_height", "act_width", "act_channels"))
+                x = constrain(x, IMAGE_AXES)
         features = jnp.mean(x, axis=(1, 2))
         logits = {}
         for name, n in self.heads:
