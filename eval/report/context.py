@@ -24,11 +24,12 @@ from eval.identity.evaluate import read_pairs_csv, verify_pairs
 from eval.inputs import ImagePair, InputMismatchError, Originals
 from eval.report import scoring
 from eval.report.tools import Notes, Tools, load_tools
+from mema_jax.errors import InputError
 
 REFERENCE_DIR = "reference"
 
 
-class ReportConfigError(ValueError):
+class ReportConfigError(InputError, ValueError):
     """The config cannot be run as written; the message says which entry and why."""
 
 

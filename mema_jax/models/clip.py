@@ -31,11 +31,11 @@ from flax import struct
 
 from mema_jax.core.sharding import constrain
 from mema_jax.models.layers.attention import Attention, check_attention_impl
+from mema_jax.models.layers.axes import TOKEN_AXES
 from mema_jax.models.layers.linear import CONV_KERNEL_AXES, dense
 from mema_jax.models.layers.norm import LayerNorm
 from mema_jax.models.layers.remat import remat_block
 
-TOKEN_AXES = ("act_batch", "act_length", "act_embed")
 ACTIVATIONS = ("quick_gelu", "gelu")
 
 

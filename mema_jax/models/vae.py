@@ -21,7 +21,7 @@ from mema_jax.models.layers.linear import conv2d
 from mema_jax.models.layers.norm import GroupNorm
 from mema_jax.models.layers.axes import IMAGE_AXES
 from mema_jax.models.layers.resnet_block import Downsample2D, ResnetBlock2D, Upsample2D
-from mema_jax.models.unet import remat_block
+from mema_jax.models.layers.remat import remat_block
 
 _VAE_EPS = 1e-6  # diffusers' Encoder/Decoder fix every GroupNorm epsilon to 1e-6
 _IGNORED_OPTIONS = ("sample_size", "latents_mean", "latents_std", "force_upcast")
@@ -130,7 +130,7 @@ class DiagonalGaussian:
 
 def _resnet(channels: int, num_groups: int, remat: str, name: str, **kw):
     """A ResnetBlock2D without time input at the VAE's epsilon, as a function of x."""
-    block = remat_block(ResnetBlock2D, remat)(channels, num_groups, _VAE_EPS, name=name, **kw)
+    block = remat_block(ResnetBlock2D, remat, static_argnums=(3,))(channels, num_groups, _VAE_EPS, name=name, **kw)
     return lambda x: block(x, None, True)
 
 
