@@ -16,7 +16,8 @@ console, evaluates every ``config.eval_every`` steps, calls the trainer's own pe
 A workdir whose checkpoint is already at ``config.total_steps`` is a finished run: it exits at once.
 
 Config entries read here: seed, mesh, sharding_rules, replicated_warning_mib, total_steps, log_every, eval_every,
-checkpoint_every, keep_checkpoints, async_checkpoints, profile_steps.
+eval_at_start (optional: evaluate the starting state as step 0), checkpoint_every, keep_checkpoints,
+async_checkpoints, profile_steps.
 """
 from __future__ import annotations
 
@@ -121,12 +122,15 @@ def run(
     frozen: Any = None,
     evaluate: Callable[[ts.TrainState], Mapping[str, float]] | None = None,
     periodic: Sequence[Periodic] = (),
+    on_finish: Callable[[ts.TrainState], None] | None = None,
     console_keys: Sequence[str] = ("loss",),
 ) -> dict:
     """Restore or init, train to ``config.total_steps``, evaluate, checkpoint, close.
 
-    ``evaluate(state) -> {name: scalar}`` (names as written, e.g. ``eval/accuracy``).  Returns the
-    last evaluation's metrics ({} if none ran).
+    ``evaluate(state) -> {name: scalar}`` (names as written, e.g. ``eval/accuracy``).
+    ``on_finish(state)`` runs once the state is at ``total_steps`` -- also when a finished run is
+    started again, so an export the previous process did not complete is done then (it should
+    skip what already exists).  Returns the last evaluation's metrics ({} if none ran).
     """
     workdir = Path(workdir)
     total = config.total_steps
@@ -143,6 +147,9 @@ def run(
         return bool(every) and (step % every == 0 or step == total)
 
     eval_metrics: dict = {}
+    if evaluate is not None and start == 0 and config.get("eval_at_start", False):
+        eval_metrics = dict(evaluate(state))  # the starting point (e.g. a frozen base before LoRA)
+        writer.write_scalars(0, eval_metrics)
     for step in range(start, total):
         batch = to_global(next(data_iter), batch_shardings)
         state, metrics = train_step(state, batch, frozen)
@@ -159,6 +166,8 @@ def run(
                 callback.fn(done, state, writer)
         checkpointer.save(done, state, data_iter, force=done == total)
     checkpointer.close()
+    if on_finish is not None and int(state.step) == total:
+        on_finish(state)
     writer.flush()
     print(f"done: {total} steps; checkpoints in {checkpointer.directory}, TensorBoard events in "
           f"{workdir / 'tensorboard'}, metrics table {workdir / 'metrics.csv'}", flush=True)

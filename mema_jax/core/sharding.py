@@ -179,6 +179,13 @@ def warn_replicated(abstract_tree, mesh: Mesh, rules, min_bytes: int = DEFAULT_R
     return flagged
 
 
+def box_like(tree, boxed_template):
+    """``tree``'s leaves in the boxes (logical names) of ``boxed_template`` (same structure unboxed)."""
+    leaves, treedef = jax.tree.flatten(boxed_template, is_leaf=is_box)
+    values = treedef.flatten_up_to(tree)
+    return treedef.unflatten([nn.Partitioned(v, b.names) if is_box(b) else v for v, b in zip(values, leaves)])
+
+
 def unbox(tree):
     return nn.meta.unbox(tree)
 

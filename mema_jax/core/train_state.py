@@ -8,6 +8,9 @@ Every trainer (the MeMa classifier and diffusion trainers, MedSem-DeID) builds o
     weights as a separate non-donated argument, one or several optimizers, gradient
     accumulation by ``lax.scan`` over micro-batches, optional EMA, and per-step randomness
     derived from (seed, step) so a resumed run draws exactly what the uninterrupted one drew.
+  * a *state group*: a parameter group the forward pass updates and no optimizer trains
+    (BatchNorm running statistics), part of ``TrainState.params`` so it is sharded, checkpointed
+    and restored bit for bit with everything else (``state_group=`` below).
 """
 from __future__ import annotations
 
@@ -72,31 +75,36 @@ def sharded_state(
     *,
     seed: int,
     use_ema: bool = False,
+    state_group: str | None = None,
     warn_replicated_bytes: int = shd.DEFAULT_REPLICATED_WARNING_BYTES,
+    init_args: tuple = (),
 ) -> ShardedState:
-    """``init_params(rng)`` returns parameters whose leaves may be flax ``Partitioned`` boxes.
+    """``init_params(rng, *init_args)`` returns parameters whose leaves may be flax ``Partitioned``
+    boxes.  ``init_args`` (e.g. loaded pretrained weights to start from) enter the init function
+    as arguments, so they are not baked into it as constants.
 
     ``tx`` is one optax transformation, or a dict of them keyed like the parameter groups of
-    ``init_params``'s result (see ``make_train_step``).
+    ``init_params``'s result (see ``make_train_step``).  ``state_group``: the name of a group of
+    ``init_params``'s dict that no optimizer sees (see ``make_train_step``).
     """
 
-    def boxed_state(rng):
-        params = init_params(rng)
+    def boxed_state(rng, *args):
+        params = init_params(rng, *args)
         # optax maps over the boxes, so moments carry their parameter's logical names.
         if isinstance(tx, Mapping):  # several optimizers: one state per parameter group
             opt_state = {group: t.init(params[group]) for group, t in tx.items()}
         else:
-            opt_state = tx.init(params)
+            opt_state = tx.init(_without(params, state_group))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                           ema_params=params if use_ema else None)
 
     rng = jax.random.key(seed)
-    boxed = jax.eval_shape(boxed_state, rng)
+    boxed = jax.eval_shape(boxed_state, rng, *init_args)
     shd.warn_replicated(boxed.params, mesh, rules, warn_replicated_bytes)
     shardings = shd.tree_shardings(boxed, mesh, rules)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shd.unbox(boxed), shardings)
-    jitted = jax.jit(lambda r: shd.unbox(boxed_state(r)), out_shardings=shardings)
-    return ShardedState(shardings=shardings, abstract=abstract, init=lambda: jitted(rng))
+    jitted = jax.jit(lambda r, *a: shd.unbox(boxed_state(r, *a)), out_shardings=shardings)
+    return ShardedState(shardings=shardings, abstract=abstract, init=lambda: jitted(rng, *init_args))
 
 
 def place_frozen(tree, mesh: Mesh, rules, warn_replicated_bytes: int = shd.DEFAULT_REPLICATED_WARNING_BYTES):
@@ -129,6 +137,7 @@ def make_train_step(
     seed: int,
     accum_steps: int = 1,
     ema_decay: float | None = None,
+    state_group: str | None = None,
 ):
     """Returns ``step(state, batch, frozen=None) -> (state, metrics)``, one jitted function.
 
@@ -146,26 +155,42 @@ def make_train_step(
     With ``accum_steps > 1`` the batch is split into that many micro-batches along axis 0 and
     gradients are averaged (one optimizer update per step).  Randomness is ``step_rng(seed, step)``
     (folded with the update's index and the micro-batch index).
+
+    ``state_group`` (one optimizer only): ``params[state_group]`` is model state the forward pass
+    updates and no optimizer trains -- BatchNorm running statistics, ``params = {"params": ...,
+    "batch_stats": ...}``.  The loss sees all of ``params`` and returns ``(loss, (metrics,
+    new_state))``; gradients, ``tx`` and EMA cover the other groups only, and the group becomes
+    ``new_state`` (micro-batches pass it on in order, as torch updates running statistics).
     """
     rules = shd.normalize_rules(rules)
     multi = isinstance(tx, Mapping)
     if multi != isinstance(loss_fn, Mapping) or (multi and list(tx) != list(loss_fn)):
         raise ValueError("with several optimizers, tx and loss_fn are dicts with the same keys in the same order")
+    if multi and state_group is not None:
+        raise ValueError("state_group works with one optimizer; with several, each would update the state in turn")
     groups = list(tx) if multi else [None]
 
     def one_update(group, params, opt_state, frozen, batch, rng):
         fn = loss_fn[group] if multi else loss_fn
         tx_g = tx[group] if multi else tx
 
-        def group_loss(p, mb, r):
-            return fn(dict(params, **{group: p}) if multi else p, frozen, mb, r)
+        if state_group is None:
+            def group_loss(p, mb, r, _):
+                loss, metrics = fn(dict(params, **{group: p}) if multi else p, frozen, mb, r)
+                return loss, (metrics, None)
+        else:
+            def group_loss(p, mb, r, state):
+                return fn(dict(p, **{state_group: state}), frozen, mb, r)
 
-        own = params[group] if multi else params
-        grads, loss, metrics = _accumulated_grads(group_loss, own, batch, rng, accum_steps)
+        own = params[group] if multi else _without(params, state_group)
+        state = None if state_group is None else params[state_group]
+        grads, loss, metrics, state = _accumulated_grads(group_loss, own, batch, rng, accum_steps, state)
         updates, opt_state = tx_g.update(grads, opt_state, own)
         own = optax.apply_updates(own, updates)
         metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
-        return (dict(params, **{group: own}) if multi else own), opt_state, metrics
+        if multi:
+            return dict(params, **{group: own}), opt_state, metrics
+        return (own if state_group is None else dict(own, **{state_group: state})), opt_state, metrics
 
     def step(state: TrainState, batch: dict, frozen):
         rng = step_rng(seed, state.step)
@@ -180,7 +205,9 @@ def make_train_step(
                 params, opt_state, metrics = one_update(None, params, state.opt_state, frozen, batch, r)
         ema = state.ema_params
         if ema is not None:
-            ema = optax.incremental_update(params, ema, 1.0 - ema_decay)
+            ema = optax.incremental_update(_without(params, state_group), _without(ema, state_group), 1.0 - ema_decay)
+            if state_group is not None:  # the averaged weights are used with the current statistics
+                ema = dict(ema, **{state_group: params[state_group]})
         return state.replace(step=state.step + 1, params=params, opt_state=opt_states if multi else opt_state,
                              ema_params=ema), metrics
 
@@ -199,21 +226,29 @@ def make_train_step(
     return run
 
 
-def _accumulated_grads(loss_fn, params, batch, rng, accum_steps: int):
-    """(grads, loss, metrics) of ``loss_fn(params, batch, rng)``, averaged over micro-batches."""
+def _without(params, group: str | None):
+    return params if group is None else {k: v for k, v in params.items() if k != group}
+
+
+def _accumulated_grads(loss_fn, params, batch, rng, accum_steps: int, state=None):
+    """(grads, loss, metrics, state) of ``loss_fn(params, batch, rng, state) -> (loss, (metrics,
+    state))``: gradients, loss and metrics averaged over micro-batches, ``state`` (None, or a
+    state group's value) carried from one micro-batch to the next."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if accum_steps == 1:
-        (loss, metrics), grads = grad_fn(params, batch, rng)
-        return grads, loss, metrics
+        (loss, (metrics, state)), grads = grad_fn(params, batch, rng, state)
+        return grads, loss, metrics, state
     micro = jax.tree.map(lambda x: x.reshape((accum_steps, x.shape[0] // accum_steps) + x.shape[1:]), batch)
 
     def body(carry, xs):
+        sums, state = carry
         i, mb = xs
-        (loss, metrics), grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
-        return jax.tree.map(jnp.add, carry, (grads, loss, metrics)), None
+        (loss, (metrics, state)), grads = grad_fn(params, mb, jax.random.fold_in(rng, i), state)
+        return (jax.tree.map(jnp.add, sums, (grads, loss, metrics)), state), None
 
-    _, metrics_shape = jax.eval_shape(lambda: loss_fn(params, jax.tree.map(lambda x: x[0], micro), rng))
+    _, (metrics_shape, _) = jax.eval_shape(lambda: loss_fn(params, jax.tree.map(lambda x: x[0], micro), rng, state))
     zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
              jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape))
-    total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
-    return jax.tree.map(lambda x: x / accum_steps, total)
+    (total, state), _ = jax.lax.scan(body, (zeros, state), (jnp.arange(accum_steps), micro))
+    grads, loss, metrics = jax.tree.map(lambda x: x / accum_steps, total)
+    return grads, loss, metrics, state

@@ -252,3 +252,55 @@ def _checked_merges(merges: list[tuple], source: str) -> list[tuple[str, str]]:
 def _token_content(value) -> str:
     """A special token as tokenizer_config.json writes it: a string or an AddedToken dict."""
     return value["content"] if isinstance(value, Mapping) else str(value)
+
+
+def word_pieces(texts: Sequence[str]) -> list[str]:
+    """The byte-symbol words the tokenizer splits ``texts`` into (what BPE then merges), in order."""
+    whitespace, clip_split, byte_split = _patterns()
+    symbols = _byte_symbols()
+    out: dict[str, None] = {}
+    for text in texts:
+        text = "".join(c.lower() for c in whitespace.sub(" ", unicodedata.normalize("NFC", text)))
+        for piece in clip_split.findall(text):
+            for word in byte_split.findall(piece):
+                out["".join(symbols[b] for b in word.encode("utf-8"))] = None
+    return list(out)
+
+
+def write_word_vocabulary(folder: str | os.PathLike, texts: Sequence[str]) -> str:
+    """Writes a small CLIP BPE tokenizer folder (vocab.json, merges.txt, tokenizer_config.json,
+    special_tokens_map.json) whose vocabulary has every byte symbol (alone and word-final) and
+    every word of ``texts`` as one token, built by left-to-right merges.  For text encoders trained
+    or drawn here (the offline MeMa-Synth model), where SD1.5's 49408-token vocabulary is not at
+    hand; transformers' CLIPTokenizer reads the folder and encodes as ours does.  Other words fall
+    back to their bytes.  Files are written atomically."""
+    from mema_jax.fileio import atomic_write_bytes
+
+    folder = os.fspath(folder)
+    vocab: dict[str, int] = {}
+    for s in _byte_symbols():
+        vocab.setdefault(s, len(vocab))
+    for s in _byte_symbols():
+        vocab.setdefault(s + END_OF_WORD, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in word_pieces(texts):
+        parts = [c + END_OF_WORD if i == len(word) - 1 else c for i, c in enumerate(word)]
+        left = parts[0]
+        for right in parts[1:]:
+            if left + right not in vocab:
+                merges.append((left, right))
+                vocab[left + right] = len(vocab)
+            left = left + right
+    for token in DEFAULT_SPECIAL_TOKENS.values():
+        vocab.setdefault(token, len(vocab))
+    os.makedirs(folder, exist_ok=True)
+    files = {
+        "vocab.json": json.dumps(vocab, ensure_ascii=False),
+        "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+        "special_tokens_map.json": json.dumps(DEFAULT_SPECIAL_TOKENS),
+        "tokenizer_config.json": json.dumps({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77,
+                                             "do_lower_case": True, **DEFAULT_SPECIAL_TOKENS}),
+    }
+    for name, text in files.items():
+        atomic_write_bytes(os.path.join(folder, name), text.encode("utf-8"))
+    return folder

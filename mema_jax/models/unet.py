@@ -15,7 +15,7 @@ from flax import linen as nn
 
 from mema_jax.core.sharding import constrain
 from mema_jax.models.diffusers_config import check_class_and_options, frozen_items, thawed
-from mema_jax.models.layers.attention import check_attention_impl
+from mema_jax.models.layers.attention import CrossAttentionContext, check_attention_impl
 from mema_jax.models.layers.axes import IMAGE_AXES, TOKEN_AXES
 from mema_jax.models.layers.embeddings import TimestepEmbedding, timestep_embedding
 from mema_jax.models.layers.linear import conv2d
@@ -204,6 +204,7 @@ class _BlockOptions:
     remat: str
     dtype: Any
     param_dtype: Any
+    ip_adapter: bool = False
 
     @property
     def kw(self):
@@ -215,7 +216,8 @@ class _BlockOptions:
 
     def transformer(self, channels, heads, num_layers, name):
         block = remat_block(Transformer2D, self.remat)
-        return block(heads, channels // heads, num_layers, self.norm_num_groups, self.dropout, self.attention_impl, name=name, **self.kw)
+        return block(heads, channels // heads, num_layers, self.norm_num_groups, self.dropout, self.attention_impl,
+                     self.ip_adapter, name=name, **self.kw)
 
 
 class _UNetLevelBlock(nn.Module):
@@ -306,18 +308,25 @@ class UNet2DConditionModel(nn.Module):
     """``__call__(sample (B, H, W, C), timesteps (B,) or scalar, encoder_hidden_states (B, L, D))``
     -> (B, H, W, out_channels).  ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype;
     ``remat`` in {"none", "full", "dots"} checkpoints each resnet/transformer block;
-    ``attention_impl`` in {"xla", "dot_product"}."""
+    ``attention_impl`` in {"xla", "dot_product"}.
+
+    ``ip_adapter=True`` adds IP-Adapter's ``to_k_ip`` / ``to_v_ip`` to every cross-attention: the
+    parameter tree is then the base tree plus those layers (``mema_jax.models.ip_adapter`` keeps
+    them as a tree of their own), and ``__call__`` takes ``ip_tokens`` (B, N, cross_attention_dim)
+    with ``ip_scale`` (scalar or (B,)).  Without ``ip_tokens`` it is the plain UNet."""
 
     config: UNetConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_impl: str = "xla"
     remat: str = "none"
+    ip_adapter: bool = False
 
     def setup(self):
         c = self.config
         check_attention_impl(self.attention_impl)
-        o = _BlockOptions(c.norm_num_groups, c.norm_eps, c.dropout, self.attention_impl, self.remat, self.dtype, self.param_dtype)
+        o = _BlockOptions(c.norm_num_groups, c.norm_eps, c.dropout, self.attention_impl, self.remat, self.dtype,
+                          self.param_dtype, self.ip_adapter)
         kw = o.kw
         n = len(c.block_out_channels)
         self.conv_in = conv2d(c.block_out_channels[0], c.conv_in_kernel, padding=(c.conv_in_kernel - 1) // 2, **kw)
@@ -348,7 +357,7 @@ class UNet2DConditionModel(nn.Module):
         self.conv_norm_out = GroupNorm(c.norm_num_groups, c.norm_eps, **kw)
         self.conv_out = conv2d(c.out_channels, c.conv_out_kernel, padding=(c.conv_out_kernel - 1) // 2, **kw)
 
-    def _embed_inputs(self, sample, timesteps, encoder_hidden_states):
+    def _embed_inputs(self, sample, timesteps, encoder_hidden_states, ip_tokens=None, ip_scale=1.0):
         c = self.config
         sample = sample.astype(self.dtype)
         if c.center_input_sample:
@@ -361,17 +370,23 @@ class UNet2DConditionModel(nn.Module):
         context = None
         if encoder_hidden_states is not None:
             context = constrain(encoder_hidden_states.astype(self.dtype), TOKEN_AXES)
+        if ip_tokens is not None:
+            if not self.ip_adapter:
+                raise ValueError("ip_tokens given, but this UNet was built without ip_adapter=True")
+            ip_tokens = constrain(ip_tokens.astype(self.dtype), TOKEN_AXES)
+            context = CrossAttentionContext(context, ip_tokens, jnp.asarray(ip_scale, jnp.float32))
         x = constrain(self.conv_in(sample), IMAGE_AXES)
         return x, temb, context
 
-    def __call__(self, sample, timesteps, encoder_hidden_states, *, train: bool = False, added_cond_kwargs=None):
+    def __call__(self, sample, timesteps, encoder_hidden_states, *, train: bool = False, added_cond_kwargs=None,
+                 ip_tokens=None, ip_scale=1.0):
         if added_cond_kwargs:
             raise ValueError(
                 f"added_cond_kwargs {sorted(added_cond_kwargs)} given, but this UNet has no addition embedding "
                 "(addition_embed_type is None)"
             )
         deterministic = not train
-        x, temb, context = self._embed_inputs(sample, timesteps, encoder_hidden_states)
+        x, temb, context = self._embed_inputs(sample, timesteps, encoder_hidden_states, ip_tokens, ip_scale)
         skips = [x]
         for block in self.down_blocks:
             x, states = block(x, temb, context, deterministic)

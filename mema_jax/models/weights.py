@@ -24,11 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from mema_jax.core import sharding as sharding_lib
+from mema_jax.errors import InputError
 from mema_jax.fileio import atomic_file, atomic_write_bytes
 from mema_jax.models import param_tree
 
 
-class WeightsError(ValueError):
+class WeightsError(InputError, ValueError):
     """A weight file does not fit the model; the message names the file and the offending keys."""
 
 

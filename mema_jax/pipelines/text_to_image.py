@@ -6,6 +6,12 @@ prompts with the CLIP text tower, runs the whole denoising loop as one jitted ``
 with the VAE.  With the same initial latents the result equals diffusers' pipeline (see
 tests/test_pipeline.py).
 
+A folder without vae/ holds a pixel-space model (the offline MeMa-Synth UNet: 3 channels in and
+out, the "latents" are the image in [-1, 1]).  With an IP-Adapter (``ip_adapter``, see
+``mema_jax.models.ip_adapter``) each image gets a reference image embedding and its own scale;
+the negative half of classifier-free guidance sees the projection of a zero embedding, as in
+diffusers.
+
 CLI::
 
     python -m mema_jax.pipelines.text_to_image --model DIR --prompt "a photo of a cat" --out cat.png \\
@@ -54,15 +60,18 @@ def _decode_latents(vae, params, latents):
 
 
 @functools.partial(jax.jit, static_argnames=("unet", "use_guidance"))
-def _denoising_loop(unet, unet_params, latents, context, guidance_scale, state, *, use_guidance: bool):
-    """All steps in one ``fori_loop``; ``context`` is [negative; positive] when guiding.
-    DDIM runs deterministically (eta = 0), as in diffusers' pipeline by default."""
+def _denoising_loop(unet, unet_params, latents, context, guidance_scale, state, ip_tokens=None, ip_scale=None, *,
+                    use_guidance: bool):
+    """All steps in one ``fori_loop``; ``context`` (and ``ip_tokens`` / ``ip_scale``) are
+    [negative; positive] when guiding.  DDIM runs deterministically (eta = 0), as in diffusers'
+    pipeline by default."""
+    ip = {} if ip_tokens is None else {"ip_tokens": ip_tokens, "ip_scale": ip_scale}
 
     def body(i, carry):
         latents, solver_carry = carry
         model_input = jnp.concatenate([latents, latents]) if use_guidance else latents
         t = jnp.broadcast_to(state.timesteps[i], (model_input.shape[0],))
-        noise_pred = unet.apply({"params": unet_params}, model_input, t, context).astype(jnp.float32)
+        noise_pred = unet.apply({"params": unet_params}, model_input, t, context, **ip).astype(jnp.float32)
         if use_guidance:
             noise_pred = guided_prediction(noise_pred, guidance_scale)
         if isinstance(state, ddim.DDIMState):
@@ -79,7 +88,7 @@ def _denoising_loop(unet, unet_params, latents, context, guidance_scale, state, 
 class StableDiffusionPipeline:
     unet: Any
     unet_params: Any
-    vae: AutoencoderKL
+    vae: AutoencoderKL | None  # None: a pixel-space model
     vae_params: Any
     text_encoder: Any
     text_encoder_params: Any
@@ -87,19 +96,26 @@ class StableDiffusionPipeline:
     scheduler_config: dict  # the folder's scheduler_config.json; converted per call like diffusers' from_config
     mesh: Any = None
     rules: Any = None
+    ip_adapter: Any = None  # an IP-Adapter tree (mema_jax.models.ip_adapter) and ...
+    ip_num_tokens: int = 4  # ... its number of image tokens
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                     mesh=None, rules=None, attention_impl: str = "xla") -> StableDiffusionPipeline:
         """Loads a diffusers ``StableDiffusionPipeline`` folder (as written by ``save_pretrained``)."""
         folder = os.fspath(folder)
-        missing = [d for d in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+        missing = [d for d in ("unet", "text_encoder", "tokenizer", "scheduler")
                    if not os.path.isdir(os.path.join(folder, d))]
         if missing:
             raise FileNotFoundError(f"{folder}: not a Stable Diffusion pipeline folder; missing {missing}")
         kw = {"dtype": dtype, "param_dtype": param_dtype, "attention_impl": attention_impl, "mesh": mesh, "rules": rules}
         unet, unet_params = load_unet(os.path.join(folder, "unet"), **kw)
-        vae, vae_params = load_vae(os.path.join(folder, "vae"), **kw)
+        vae, vae_params = None, None
+        if os.path.isdir(os.path.join(folder, "vae")):
+            vae, vae_params = load_vae(os.path.join(folder, "vae"), **kw)
+        elif unet.config.in_channels != 3 or unet.config.out_channels != 3:
+            raise FileNotFoundError(f"{folder}: no vae/ folder, and the UNet has {unet.config.in_channels} input "
+                                    "channels (a pixel-space model, the only kind without a VAE, has 3)")
         text_encoder, text_params = load_clip_text(os.path.join(folder, "text_encoder"), **kw)
         return cls(
             unet=unet, unet_params=unet_params, vae=vae, vae_params=vae_params,
@@ -111,7 +127,7 @@ class StableDiffusionPipeline:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def scheduler_state(self, scheduler: str, num_inference_steps: int):
         if scheduler == "ddim":
@@ -144,12 +160,15 @@ class StableDiffusionPipeline:
     def __call__(self, prompts: str | Sequence[str], negative_prompt: str | Sequence[str] = "", *,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, seed: int = 0,
                  height: int | None = None, width: int | None = None, scheduler: str = "ddim",
-                 num_images_per_prompt: int = 1, latents=None, output_type: str = "uint8"):
+                 num_images_per_prompt: int = 1, latents=None, output_type: str = "uint8",
+                 image_embeds=None, ip_scale=1.0):
         """Images for the prompts: uint8 (N, H, W, 3) by default; ``output_type="float"`` gives
         [0, 1] floats, ``"latent"`` the final latents (N, H/f, W/f, C).
 
         ``latents`` (N, H/f, W/f, C) replace the initial noise drawn from ``seed``; N is
         len(prompts) * num_images_per_prompt, images of one prompt next to each other.
+        ``image_embeds`` (N, E): the reference image of each output for the IP-Adapter, with
+        ``ip_scale`` a float or one per output (N,).
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown output_type {output_type!r}; choose one of {OUTPUT_TYPES}")
@@ -177,15 +196,38 @@ class StableDiffusionPipeline:
                 latents = jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)  # init_noise_sigma is 1 for both
             elif tuple(latents.shape) != shape:
                 raise ValueError(f"latents of shape {tuple(latents.shape)} given, expected {shape}")
-            latents = _denoising_loop(self.unet, self.unet_params, self._on_batch_axis(jnp.asarray(latents, jnp.float32)),
-                                      context, jnp.float32(guidance_scale), state, use_guidance=use_guidance)
+            unet, unet_params, ip_tokens, ip_scales = self.unet, self.unet_params, None, None
+            if image_embeds is not None:
+                unet, unet_params, ip_tokens, ip_scales = self._ip_inputs(image_embeds, ip_scale, batch, use_guidance)
+            latents = _denoising_loop(unet, unet_params, self._on_batch_axis(jnp.asarray(latents, jnp.float32)),
+                                      context, jnp.float32(guidance_scale), state, ip_tokens, ip_scales,
+                                      use_guidance=use_guidance)
             if output_type == "latent":
                 return np.asarray(latents)
-            decoded = _decode_latents(self.vae, self.vae_params, latents)
+            decoded = latents if self.vae is None else _decode_latents(self.vae, self.vae_params, latents)
         images = np.clip(np.asarray(decoded, np.float32) / 2 + 0.5, 0.0, 1.0)
         if output_type == "float":
             return images
         return (images * 255).round().astype(np.uint8)
+
+
+    def _ip_inputs(self, image_embeds, ip_scale, batch: int, use_guidance: bool):
+        """The IP-Adapter UNet, its parameters, and [negative;] positive image tokens and scales."""
+        from mema_jax.models import ip_adapter
+
+        if self.ip_adapter is None:
+            raise ValueError("image_embeds given, but this pipeline has no IP-Adapter (set pipe.ip_adapter)")
+        embeds = jnp.asarray(image_embeds, jnp.float32)
+        if embeds.shape[0] != batch:
+            raise ValueError(f"{embeds.shape[0]} image embeddings for {batch} images")
+        scales = jnp.broadcast_to(jnp.asarray(ip_scale, jnp.float32).reshape(-1), (batch,))
+        cross = self.unet.config.cross_attention_dim[0]
+        tokens = ip_adapter.image_tokens(self.ip_adapter, embeds, self.ip_num_tokens, cross)
+        if use_guidance:
+            negative = ip_adapter.image_tokens(self.ip_adapter, jnp.zeros_like(embeds), self.ip_num_tokens, cross)
+            tokens, scales = jnp.concatenate([negative, tokens]), jnp.concatenate([scales, scales])
+        unet = ip_adapter.ip_unet(self.unet)
+        return unet, ip_adapter.unet_params(self.unet_params, self.ip_adapter), tokens, scales
 
 
 def output_paths(out: str, count: int) -> list[str]:

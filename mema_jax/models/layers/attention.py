@@ -7,6 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax import struct
 
 from mema_jax.core.sharding import constrain
 from mema_jax.models.layers.axes import IMAGE_AXES
@@ -69,6 +70,7 @@ class Attention(nn.Module):
     out_features: int
     qkv_bias: bool = False
     attention_impl: str = "xla"
+    ip_adapter: bool = False  # adds to_k_ip / to_v_ip: IP-Adapter's decoupled image cross-attention
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -79,6 +81,9 @@ class Attention(nn.Module):
         self.to_k = dense(inner, ("embed", "heads"), use_bias=self.qkv_bias, **kw)
         self.to_v = dense(inner, ("embed", "heads"), use_bias=self.qkv_bias, **kw)
         self.to_out = dense(self.out_features, ("heads", "embed"), **kw)
+        if self.ip_adapter:
+            self.to_k_ip = dense(inner, ("embed", "heads"), use_bias=False, **kw)
+            self.to_v_ip = dense(inner, ("embed", "heads"), use_bias=False, **kw)
 
     def heads_of(self, x):
         """(B, L, H*D) -> (B, L, H, D)"""
@@ -88,11 +93,37 @@ class Attention(nn.Module):
         return dot_product_attention(query, key, value, impl=self.attention_impl, mask=mask)
 
     def __call__(self, x, context=None, mask=None):
-        context = x if context is None else context
-        out = self.attend(self.heads_of(self.to_q(x)), self.heads_of(self.to_k(context)), self.heads_of(self.to_v(context)),
-                          mask)
+        """``context``: key/value tokens (B, L, D), None for self-attention, or a
+        ``CrossAttentionContext`` carrying IP-Adapter image tokens and their per-sample scale:
+        out = attn(q, text) + scale * attn(q, image tokens), as diffusers' IPAdapterAttnProcessor."""
+        tokens, ip_tokens, ip_scale = CrossAttentionContext.unpack(context)
+        tokens = x if tokens is None else tokens
+        query = self.heads_of(self.to_q(x))
+        out = self.attend(query, self.heads_of(self.to_k(tokens)), self.heads_of(self.to_v(tokens)), mask)
+        if ip_tokens is not None:
+            if not self.ip_adapter:
+                raise ValueError("IP-Adapter image tokens given to an attention layer built without ip_adapter=True")
+            image = self.attend(query, self.heads_of(self.to_k_ip(ip_tokens)), self.heads_of(self.to_v_ip(ip_tokens)))
+            scale = jnp.broadcast_to(jnp.asarray(ip_scale, image.dtype).reshape(-1), (image.shape[0],))
+            out = out + scale[:, None, None, None] * image
         out = out.reshape(out.shape[0], out.shape[1], self.heads * self.head_dim)
         return self.to_out(out)
+
+
+@struct.dataclass
+class CrossAttentionContext:
+    """What cross-attention attends to: the text tokens, plus (IP-Adapter) image tokens (B, N, D)
+    and their scale (scalar or (B,): one injection strength per sample)."""
+
+    tokens: Any
+    ip_tokens: Any = None
+    ip_scale: Any = None
+
+    @staticmethod
+    def unpack(context):
+        if isinstance(context, CrossAttentionContext):
+            return context.tokens, context.ip_tokens, context.ip_scale
+        return context, None, None
 
 
 class SpatialSelfAttention(nn.Module):

@@ -42,6 +42,7 @@ class BasicTransformerBlock(nn.Module):
     head_dim: int
     dropout: float = 0.0
     attention_impl: str = "xla"
+    ip_adapter: bool = False  # cross-attention (attn2) gets IP-Adapter's to_k_ip / to_v_ip
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -50,7 +51,7 @@ class BasicTransformerBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn = dict(heads=self.heads, head_dim=self.head_dim, out_features=self.dim, attention_impl=self.attention_impl, **kw)
         x = x + Attention(name="attn1", **attn)(LayerNorm(name="norm1", **kw)(x))
-        x = x + Attention(name="attn2", **attn)(LayerNorm(name="norm2", **kw)(x), context)
+        x = x + Attention(name="attn2", ip_adapter=self.ip_adapter, **attn)(LayerNorm(name="norm2", **kw)(x), context)
         x = x + GEGLUFeedForward(self.dim, dropout=self.dropout, name="ff", **kw)(LayerNorm(name="norm3", **kw)(x), deterministic)
         return constrain(x, TOKEN_AXES)
 
@@ -65,6 +66,7 @@ class Transformer2D(nn.Module):
     num_groups: int = 32
     dropout: float = 0.0
     attention_impl: str = "xla"
+    ip_adapter: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -78,7 +80,8 @@ class Transformer2D(nn.Module):
         h = constrain(h, TOKEN_AXES)
         for i in range(self.num_layers):
             h = BasicTransformerBlock(
-                inner, self.heads, self.head_dim, self.dropout, self.attention_impl, name=f"transformer_blocks_{i}", **kw
+                inner, self.heads, self.head_dim, self.dropout, self.attention_impl, self.ip_adapter,
+                name=f"transformer_blocks_{i}", **kw
             )(h, context, deterministic)
         h = dense(channels, ("mlp", "embed"), name="proj_out", **kw)(h)
         out = x + h.reshape(batch, height, width, channels)

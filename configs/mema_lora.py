@@ -1,0 +1,149 @@
+r"""Stable Diffusion fine-tuning on MeMa (the paper's Step 1, and the medical encoder's source).
+
+Run:
+  python -m launch.main --config=configs/mema_lora.py:synth --workdir=runs/mema_synth_unet
+  python -m launch.main --config=configs/mema_lora.py:paper --workdir=runs/mema_lora \
+      --config.model.pretrained=/path/to/stable-diffusion-v1-5 --config.data.root=/path/to/MeMa
+Variants:
+  :paper  SD1.5 from a diffusers folder, LoRA rank 64 on the UNet's attention projections, 512 px,
+          Adam b1=0.9 b2=0.99, lr 1e-4 cosine, batch 32, 10 epochs (the paper's Implementation
+          Details).  alpha = rank (scale 1): the paper gives no alpha; diffusers' LoRA scripts use
+          alpha = rank.  bf16 compute, fp32 weights.  Latents from SD1.5's VAE, encoded in the step.
+  :gpu    :paper's model and optimizer for one GPU: batch 8, 2000 steps, remat, cuDNN attention.
+  :synth  the offline stand-in: a small UNet trained in full from scratch on MeMa-Synth (64 px),
+          in pixel space: there is no pretrained VAE offline, and at 64 px a VAE would leave 8x8
+          latents, too coarse for eye-region signs.  Its text encoder is a frozen random CLIP text
+          tower over a word vocabulary of the MeMa prompts (SD1.5's is not at hand offline): the
+          UNet learns what each caption's embedding means.  Its export (runs/.../model/) is the
+          medical encoder's source for configs/medsem_deid.py:synth.
+  :synth_lora  LoRA (rank 8) on the :synth model (pass --config.model.pretrained=<its model/>).
+  :tiny   seconds, for tests.
+Choices the paper leaves open:
+  * caption dropout 0.1 (empty prompt): the unconditional branch that classifier-free guidance
+    subtracts must be learnt (from scratch) or kept in step with the fine-tuned conditional one (LoRA);
+    0.1 is what SD itself was trained with.
+  * epsilon prediction (SD1.5's own); min-SNR-γ off for :paper (the paper does not use it), 5 for
+    :synth (it speeds up training from scratch, Hang et al. 2023).
+  * EMA only for :synth (0.999): LoRA fine-tuning for 10 epochs does not need it.
+Measured (2-core CPU): :synth takes ~TBD min for TBD steps.
+"""
+import ml_collections
+
+from configs.common import base_config
+
+VARIANTS = ("paper", "gpu", "synth", "synth_lora", "tiny")
+
+
+def synth_unet(widths=(16, 32, 64), cross_dim=64, heads=4, size=64, attention_levels=1) -> dict:
+    """diffusers UNet2DConditionModel kwargs of the small pixel-space UNet.  Attention (self and
+    cross) only at the coarsest level(s): measured on 2 CPU cores at 64 px, batch 32, a second
+    attention level (32x32 tokens) makes a step 3.7x slower (3.4 s vs 12.6 s for widths 32-64-128)."""
+    n = len(widths)
+    plain = n - attention_levels
+    return {
+        "in_channels": 3, "out_channels": 3, "sample_size": size, "block_out_channels": list(widths),
+        "layers_per_block": 1, "norm_num_groups": 8, "cross_attention_dim": cross_dim, "attention_head_dim": heads,
+        "down_block_types": ["DownBlock2D"] * plain + ["CrossAttnDownBlock2D"] * attention_levels,
+        "up_block_types": ["CrossAttnUpBlock2D"] * attention_levels + ["UpBlock2D"] * plain,
+    }
+
+
+def get_config(arg=None):
+    variant = arg or "synth"
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r} of configs/mema_lora.py; use one of {VARIANTS}")
+    c = base_config()
+    c.trainer = "mema_jax.trainers.diffusion"
+    c.variant = variant
+    c.mode = "lora"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.root = "data/mema_synth_64_3k"
+    c.data.image_size = 64
+    c.data.generate_if_missing = True
+    c.data.verify_images = True
+    c.data.augment = False  # flips would move a one-sided sign (a turned left eye) to the other side
+    c.data.workers = 0
+    c.data.synth = ml_collections.ConfigDict({"num_images": 3000, "images_per_identity": 4, "resolution": 64, "seed": 0})
+
+    c.model = ml_collections.ConfigDict()
+    c.model.pretrained = ""  # a diffusers pipeline folder; "" = build the :synth model here
+    c.model.latents = "auto"  # "auto": VAE latents when the folder has vae/, else pixels; "pixels": never a VAE
+    c.model.unet = ml_collections.ConfigDict(synth_unet())
+    c.model.text_encoder = ml_collections.ConfigDict({"hidden_size": 64, "intermediate_size": 128,
+                                                      "num_hidden_layers": 2, "num_attention_heads": 4,
+                                                      "max_position_embeddings": 77, "projection_dim": 64})
+
+    c.caption = ml_collections.ConfigDict({"template": "A face, eye with {disease}", "dropout": 0.1,
+                                           "disease_words": ml_collections.ConfigDict()})
+    c.noise = ml_collections.ConfigDict({"prediction": "epsilon", "min_snr_gamma": 0.0})
+    c.lora = ml_collections.ConfigDict({"rank": 64, "alpha": 64.0, "targets": ("attention",)})
+    c.ip_adapter = ml_collections.ConfigDict({"image_encoder": "", "num_tokens": 4, "drop": 0.05})
+    c.sample = ml_collections.ConfigDict({"every": 0, "prompts": (), "num_seeds": 2, "steps": 25, "guidance": 3.0,
+                                          "ip_scale": 0.5})
+
+    c.optim = ml_collections.ConfigDict({"name": "adam", "lr": 1e-4, "b1": 0.9, "b2": 0.99, "schedule": "cosine",
+                                         "warmup_steps": 0, "grad_clip": 1.0})
+    c.precision.compute_dtype = "bfloat16"
+    c.batch_size = 32
+    c.num_epochs = 10  # > 0: total_steps = num_epochs * train images / batch_size
+    c.total_steps = 0
+    c.eval_every = 1000
+    c.eval_at_start = False
+    c.eval_batches = 8
+    c.eval_split = "val"
+    c.checkpoint_every = 1000
+    c.log_every = 50
+
+    if variant in ("paper", "gpu"):
+        c.data.root = ""  # the real MeMa-layout folder: --config.data.root=
+        c.data.generate_if_missing = False
+        c.data.image_size = 512
+        c.data.verify_images = False
+        c.data.workers = 8
+        c.model.pretrained = ""  # --config.model.pretrained=/path/to/stable-diffusion-v1-5
+        c.sample.update(every=2000, num_seeds=2, steps=30, guidance=7.5)
+        c.mesh.update(data=1, fsdp=-1)
+    if variant == "gpu":
+        c.batch_size = 8
+        c.num_epochs = 0
+        c.total_steps = 2000
+        c.sample.every = 500
+        c.eval_every = 500
+    elif variant in ("synth", "synth_lora", "tiny"):
+        c.precision.compute_dtype = "float32"  # XLA:CPU has no fast bf16; fp32 keeps resumes bitwise
+        c.mode = "full"
+        c.num_epochs = 0
+        c.total_steps = 600
+        c.batch_size = 16
+        c.optim.update(lr=1e-3, warmup_steps=50)
+        c.noise.min_snr_gamma = 5.0
+        c.ema_decay = 0.99
+        c.eval_every = 200
+        c.eval_batches = 4
+        c.checkpoint_every = 200
+        c.log_every = 25
+        c.sample.update(every=300, num_seeds=2, steps=20, guidance=2.0)
+    if variant == "synth_lora":
+        c.mode = "lora"
+        c.lora.update(rank=8, alpha=8.0)
+        c.ema_decay = 0.0
+        c.total_steps = 600
+        c.optim.update(lr=5e-4, warmup_steps=20)
+    if variant == "tiny":
+        c.data.root = "data/mema_synth_32_tiny"
+        c.data.image_size = 32
+        c.data.synth.update(num_images=160, images_per_identity=4, resolution=32)
+        c.model.unet = ml_collections.ConfigDict(synth_unet(widths=(16, 32), cross_dim=32, heads=2, size=32))
+        c.eval_at_start = True
+        c.model.text_encoder.update(hidden_size=32, intermediate_size=64, num_attention_heads=2, projection_dim=32)
+        c.batch_size = 8
+        c.total_steps = 24
+        c.checkpoint_every = 4
+        c.log_every = 4
+        c.eval_every = 12
+        c.eval_batches = 2
+        c.sample.update(every=0, num_seeds=1, steps=3)
+        c.optim.warmup_steps = 4
+        c.ema_decay = 0.9
+    return c

@@ -1,0 +1,175 @@
+"""The diffusion trainer (configs/mema_lora.py) through launch.main, as a user runs it.
+
+Runs are the :tiny variant (32 px MeMa-Synth, a two-level pixel-space UNet, a random frozen text
+tower) in subprocesses; each takes seconds after a ~20 s compile.
+"""
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import REPO
+from parity import rel_err
+
+from mema_jax.models import ip_adapter, lora
+from mema_jax.models.clip import CLIPVisionConfig, CLIPVisionModelWithProjection
+from mema_jax.models.convert_clip import save_clip_vision
+from mema_jax.models.convert_unet import load_unet
+
+
+def launch(workdir, data_root, *overrides, devices=1, check=True, popen=False):
+    cmd = [sys.executable, "-m", "launch.main", "--config=configs/mema_lora.py:tiny", f"--workdir={workdir}",
+           f"--config.data.root={data_root}", *overrides]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("XLA_FLAGS", None)
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    if popen:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def final_params(workdir, step):
+    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data"))
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    mngr.close()
+    return restored["state"]["params"]
+
+
+def metric(workdir, name):
+    """{step: value} of one scalar in metrics.csv."""
+    out = {}
+    for line in open(os.path.join(workdir, "metrics.csv")).read().splitlines()[1:]:
+        step, key, value, _ = line.split(",")
+        if key == name:
+            out[int(step)] = float(value)
+    return out
+
+
+def folder_digest(folder):
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(folder)):
+        for f in sorted(files):
+            h.update(f.encode())
+            h.update(open(os.path.join(root, f), "rb").read())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory, synth_dataset_32):
+    """A tiny UNet trained in full (mode=full): the exported pipeline folder is the LoRA base."""
+    workdir = tmp_path_factory.mktemp("full")
+    result = launch(workdir, synth_dataset_32.root, "--config.mode=full", "--config.sample.every=24")
+    assert "exported full:" in result.stdout
+    return workdir
+
+
+def test_full_run_exports_a_pipeline_folder_and_sample_grids(base_model):
+    model = base_model / "model"
+    assert sorted(os.listdir(model)) == ["scheduler", "text_encoder", "tokenizer", "unet"]
+    unet, _ = load_unet(model / "unet")
+    assert unet.config.in_channels == 3  # pixel space
+    from PIL import Image
+
+    grid = np.asarray(Image.open(base_model / "samples" / "step_000024.png"))
+    assert grid.shape == (8 * 32, 1 * 32, 3)  # one row per disease prompt, one column per seed
+    mse = metric(base_model, "eval/denoise_mse")
+    assert sorted(mse) == [0, 12, 24] and mse[24] < mse[0]
+
+
+def test_lora_lowers_the_denoising_loss_below_the_frozen_base_and_leaves_the_base_untouched(base_model, tmp_path,
+                                                                                            synth_dataset_32):
+    model = base_model / "model"
+    before = folder_digest(model)
+    workdir = tmp_path / "lora"
+    launch(workdir, synth_dataset_32.root, "--config.mode=lora", f"--config.model.pretrained={model}",
+           "--config.lora.rank=4", "--config.lora.alpha=8", "--config.total_steps=160", "--config.eval_every=80",
+           "--config.checkpoint_every=80", "--config.optim.lr=3e-3", "--config.ema_decay=0")
+    mse = metric(workdir, "eval/denoise_mse")
+    assert mse[160] < 0.97 * mse[0], mse  # step 0 is the frozen base itself (LoRA up = 0)
+    assert folder_digest(model) == before
+    # Only LoRA leaves were trained; the exported file is them, at scale alpha / r.
+    params = final_params(workdir, 160)
+    assert {p.rsplit("/", 1)[-1] for p in lora.param_tree.flatten(params)} == {"lora_down", "lora_up"}
+    unet, base = load_unet(model / "unet")
+    adapter, scales = lora.load_lora(workdir / "lora" / "pytorch_lora_weights.safetensors", base, unet.config)
+    assert set(scales.values()) == {2.0}
+    for a, b in zip(jax.tree.leaves(adapter), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_lora_step_on_8_devices_equals_one_device(base_model, tmp_path, synth_dataset_32):
+    args = ("--config.mode=lora", f"--config.model.pretrained={base_model / 'model'}", "--config.lora.rank=4",
+            "--config.total_steps=4", "--config.eval_every=0", "--config.ema_decay=0", "--config.batch_size=8")
+    launch(tmp_path / "one", synth_dataset_32.root, *args)
+    launch(tmp_path / "eight", synth_dataset_32.root, *args, "--config.mesh.data=2", "--config.mesh.fsdp=4", devices=8)
+    one, eight = final_params(tmp_path / "one", 4), final_params(tmp_path / "eight", 4)
+    # fp32: only the order of the batch and gradient reductions differs (~1e-7 measured).
+    for a, b in zip(jax.tree.leaves(eight), jax.tree.leaves(one), strict=True):
+        assert rel_err(np.asarray(a), np.asarray(b)) <= 1e-5
+
+
+def test_killed_lora_run_resumes_bit_for_bit(base_model, tmp_path, synth_dataset_32):
+    args = ("--config.mode=lora", f"--config.model.pretrained={base_model / 'model'}", "--config.lora.rank=4",
+            "--config.total_steps=24", "--config.eval_every=0", "--config.ema_decay=0.9", "--config.grad_accum_steps=2")
+    launch(tmp_path / "straight", synth_dataset_32.root, *args)
+    proc = launch(tmp_path / "killed", synth_dataset_32.root, *args, popen=True)
+    for line in proc.stdout:
+        if line.startswith("step 12/"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    restart = launch(tmp_path / "killed", synth_dataset_32.root, *args)
+    assert "resumed from step" in restart.stdout
+    for a, b in zip(jax.tree.leaves(final_params(tmp_path / "killed", 24)),
+                    jax.tree.leaves(final_params(tmp_path / "straight", 24)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_ip_adapter_training_changes_only_its_own_weights(base_model, tmp_path, synth_dataset_32):
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                             num_attention_heads=2, image_size=32, patch_size=8,
+                                                             projection_dim=24))
+    params = encoder.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    save_clip_vision(tmp_path / "image_encoder", encoder, jax.tree.map(lambda b: b.value, params,
+                                                                       is_leaf=lambda x: hasattr(x, "names")))
+    model = base_model / "model"
+    before = folder_digest(model)
+    workdir = tmp_path / "ip"
+    launch(workdir, synth_dataset_32.root, "--config.mode=ip_adapter", f"--config.model.pretrained={model}",
+           f"--config.ip_adapter.image_encoder={tmp_path / 'image_encoder'}", "--config.total_steps=8",
+           "--config.eval_every=0", "--config.ema_decay=0", "--config.optim.lr=1e-2", "--config.sample.every=8")
+    assert folder_digest(model) == before
+    trained = final_params(workdir, 8)
+    assert set(trained) == {"image_proj", "layers"}
+    assert {p.rsplit("/", 2)[-2] for p in lora.param_tree.flatten(trained["layers"])} == {"to_k_ip", "to_v_ip"}
+    unet, base = load_unet(model / "unet")
+    adapter, embed_dim, tokens = ip_adapter.load_adapter(workdir / "ip_adapter" / "ip-adapter.safetensors", unet)
+    assert (embed_dim, tokens) == (24, 4)
+    flat, base_flat = lora.param_tree.flatten(adapter["layers"]), lora.param_tree.flatten(base)
+    # Initialised as copies of the text branch, then trained away from it.
+    moved = [rel_err(np.asarray(v), np.asarray(base_flat[p.replace("_ip/", "/")])) for p, v in flat.items()]
+    assert min(moved) > 0
+    assert (workdir / "samples" / "step_000008.png").is_file()
+
+
+def test_bad_inputs_are_one_line_naming_the_file(tmp_path, synth_dataset_32):
+    empty = tmp_path / "no_labels"
+    empty.mkdir()
+    result = launch(tmp_path / "a", empty, "--config.data.generate_if_missing=false", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"launch.main: {empty / 'labels.csv'}: labels table is missing" in result.stderr
+    result = launch(tmp_path / "b", synth_dataset_32.root, "--config.mode=lora", f"--config.model.pretrained={empty}",
+                    check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"launch.main: {empty}: not a diffusion model folder (no unet/ inside" in result.stderr
