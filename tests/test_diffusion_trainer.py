@@ -173,3 +173,30 @@ def test_bad_inputs_are_one_line_naming_the_file(tmp_path, synth_dataset_32):
                     check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"launch.main: {empty}: not a diffusion model folder (no unet/ inside" in result.stderr
+
+
+def test_lora_on_a_latent_model_trains_through_its_vae_and_diffusers_loads_the_file(tiny_sd, tmp_path, synth_dataset_32):
+    """SD1.5's path: VAE latents encoded in the step, the pipeline's own text tower and tokenizer."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    folder, latents = tiny_sd
+    workdir = tmp_path / "latent_lora"
+    launch(workdir, synth_dataset_32.root, "--config.mode=lora", f"--config.model.pretrained={folder}",
+           "--config.lora.rank=4", "--config.lora.alpha=4", "--config.total_steps=8", "--config.eval_every=8",
+           "--config.optim.lr=1e-2", "--config.ema_decay=0", "--config.batch_size=4")
+    mse = metric(workdir, "eval/denoise_mse")
+    assert sorted(mse) == [0, 8] and all(np.isfinite(v) for v in mse.values())
+    unet, base = load_unet(os.path.join(folder, "unet"))
+    adapter, scales = lora.load_lora(workdir / "lora", base, unet.config)
+    context = np.random.default_rng(0).normal(size=(2, 7, 32)).astype(np.float32)
+    x = jnp.asarray(latents.numpy().transpose(0, 2, 3, 1))
+    ours = np.asarray(unet.apply({"params": lora.merge(base, adapter, scales)}, x, jnp.array([300, 300]),
+                                 jnp.asarray(context))).transpose(0, 3, 1, 2)
+    plain = np.asarray(unet.apply({"params": base}, x, jnp.array([300, 300]), jnp.asarray(context))).transpose(0, 3, 1, 2)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(str(workdir / "lora"))
+    with torch.no_grad():
+        theirs = pipe.unet(latents, torch.tensor([300, 300]), torch.from_numpy(context)).sample.numpy()
+    assert rel_err(ours, plain) > 1e-4  # trained: the LoRA moved the output ...
+    assert rel_err(theirs, ours) <= 1e-5  # ... and diffusers, loading our file, moves it the same way
