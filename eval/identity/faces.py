@@ -162,6 +162,20 @@ def make_face_finder(detector: str, device: str = "cpu"):
     raise ValueError(f"unknown face detector {detector!r}; expected 'auto', 'mtcnn', 'dlib' or 'dlib_cnn'")
 
 
+def recorded_faces(originals) -> list[Face | None] | None:
+    """The faces a MeMa folder records in its faces.csv, one per original of
+    :func:`eval.inputs.read_originals` (None where an image has no row), as ``"eyes_nose_mouth5"``
+    faces for ``model.embed(images, faces=...)``; None when the folder records no faces."""
+    dataset = getattr(originals, "dataset", None)
+    if dataset is None or dataset.faces is None:
+        return None
+    faces = []
+    for item in originals:
+        record = dataset.face(item.record)
+        faces.append(None if record is None else Face(tuple(record.box), record.landmarks_array(), EYES_NOSE_MOUTH5))
+    return faces
+
+
 def similarity_transform(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     """The 2x3 least-squares similarity (rotation, uniform scale, translation; no reflection)
     mapping ``source`` points onto ``target`` points: the transform of skimage's

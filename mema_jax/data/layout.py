@@ -6,6 +6,7 @@ Pure Python + numpy + PIL (no jax), so the PyTorch eval bridge can import it too
       labels.csv      image_id,image,disease,severity,age,gender,split,identity,mask
       images/<image_id>.png   (any PIL-readable RGB image)
       masks/<image_id>.png    tumour masks (single channel, non-zero = tumour), segmentation subset only
+      faces.csv       optional: image_id, face box x0,y0,x1,y1 and five landmarks (see FACE_COLUMNS)
 
 Columns: ``disease`` one of DISEASES; ``severity`` one of SEVERITIES or empty (real MeMa has no
 severity annotation); ``age`` an integer in years or empty; ``gender`` one of GENDERS or empty;
@@ -34,6 +35,13 @@ LABELS_FILE = "labels.csv"
 COLUMNS = ("image_id", "image", "disease", "severity", "age", "gender", "split", "identity", "mask")
 # The paper's split sizes: 34000 train / 3729 hyper-parameter selection / 4578 validation.
 PAPER_SPLIT_SIZES = {"train": 34000, "select": 3729, "val": 4578}
+# Optional per-image face: box (left, top, right, bottom) and five points in insightface / MTCNN
+# order (image-left eye centre, image-right eye centre, nose tip, image-left and image-right mouth
+# corner), all in image pixels with pixel centres at integers.  Absent file = faces unknown;
+# an image without a row has no recorded face.
+FACES_FILE = "faces.csv"
+LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
+FACE_COLUMNS = ("image_id", "x0", "y0", "x1", "y1", *(f"{n}_{xy}" for n in LANDMARK_NAMES for xy in "xy"))
 
 
 class MeMaFormatError(InputError, ValueError):
@@ -100,12 +108,29 @@ def _check_image(path: Path, what: str, where: str) -> None:
         raise MeMaFormatError(f"{path}: {what} is not a readable image ({type(e).__name__}: {e})") from None
 
 
-class MeMaDataset:
-    """A validated MeMa-layout folder."""
+@dataclasses.dataclass(frozen=True)
+class FaceRecord:
+    """One row of faces.csv: ``box`` (x0, y0, x1, y1) and ``landmarks`` (5 x (x, y)), in pixels."""
 
-    def __init__(self, root: Path, records: Sequence[Record]):
+    image_id: str
+    box: tuple[float, float, float, float]
+    landmarks: tuple[tuple[float, float], ...]
+
+    def landmarks_array(self) -> np.ndarray:
+        return np.asarray(self.landmarks, dtype=np.float64)
+
+
+class MeMaDataset:
+    """A validated MeMa-layout folder (``faces``: image_id -> FaceRecord, None without faces.csv)."""
+
+    def __init__(self, root: Path, records: Sequence[Record], faces: dict[str, FaceRecord] | None = None):
         self.root = Path(root)
         self.records = tuple(records)
+        self.faces = faces
+
+    def face(self, rec: Record) -> FaceRecord | None:
+        """The recorded face of ``rec`` (None: no faces.csv, or no row for this image)."""
+        return None if self.faces is None else self.faces.get(rec.image_id)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -170,7 +195,67 @@ def read_dataset(root, *, verify_images: bool = True) -> MeMaDataset:
                 _check_image(root / rec.mask, "mask", where)
         elif not (root / rec.image).is_file():
             raise MeMaFormatError(f"{root / rec.image}: image file is missing (listed at {where})")
-    return MeMaDataset(root, records)
+    return MeMaDataset(root, records, read_faces(root, seen))
+
+
+def _face_row(row: dict, where: str) -> FaceRecord:
+    values = []
+    for name in FACE_COLUMNS[1:]:
+        text = (row.get(name) or "").strip()
+        try:
+            value = float(text)
+        except ValueError:
+            raise MeMaFormatError(f"{where}: {name} {text!r} is not a number") from None
+        if not np.isfinite(value):
+            raise MeMaFormatError(f"{where}: {name} {text!r} is not finite")
+        values.append(value)
+    x0, y0, x1, y1 = values[:4]
+    if not (x0 < x1 and y0 < y1):
+        raise MeMaFormatError(f"{where}: box ({x0}, {y0}, {x1}, {y1}) is empty (needs x0 < x1 and y0 < y1)")
+    points = tuple((values[i], values[i + 1]) for i in range(4, 14, 2))
+    return FaceRecord((row.get("image_id") or "").strip(), (x0, y0, x1, y1), points)
+
+
+def read_faces(root, image_ids: Iterable[str] | None = None) -> dict[str, FaceRecord] | None:
+    """``<root>/faces.csv`` as image_id -> FaceRecord, or None when the file is absent.  A missing
+    column, a non-numeric or empty box, an image_id twice or one that labels.csv does not list
+    (``image_ids``) is a MeMaFormatError naming the file and line."""
+    path = Path(root) / FACES_FILE
+    if not path.is_file():
+        return None
+    known = None if image_ids is None else set(image_ids)
+    faces: dict[str, FaceRecord] = {}
+    lines: dict[str, int] = {}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in FACE_COLUMNS if c not in (reader.fieldnames or ())]
+        if missing:
+            raise MeMaFormatError(f"{path}: missing columns {missing}; the header must hold {list(FACE_COLUMNS)}")
+        for i, row in enumerate(reader):
+            where = f"{path} line {i + 2}"
+            face = _face_row(row, where)
+            if not face.image_id:
+                raise MeMaFormatError(f"{where}: image_id must not be empty")
+            if face.image_id in faces:
+                raise MeMaFormatError(f"{where}: image_id {face.image_id!r} repeats line {lines[face.image_id]}")
+            if known is not None and face.image_id not in known:
+                raise MeMaFormatError(f"{where}: image_id {face.image_id!r} is not in {LABELS_FILE}")
+            faces[face.image_id] = face
+            lines[face.image_id] = i + 2
+    return faces
+
+
+def write_faces(root, faces: Iterable[FaceRecord]) -> Path:
+    """Writes ``<root>/faces.csv`` atomically (coordinates to 1/1000 pixel)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(FACE_COLUMNS)
+    for face in faces:
+        numbers = [*face.box, *(v for point in face.landmarks for v in point)]
+        writer.writerow([face.image_id, *(f"{v:.3f}" for v in numbers)])
+    path = Path(root) / FACES_FILE
+    atomic_write_bytes(path, buf.getvalue().encode())
+    return path
 
 
 def write_labels(root, records: Iterable[Record]) -> Path:

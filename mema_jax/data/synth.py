@@ -19,6 +19,11 @@ learnable and measurable.  Diseases show in the eye region at three severities:
 
 Splits are by identity (no patient in two splits), stratified by disease, in the paper's
 proportions 34000 / 3729 / 4578.
+
+Each image's face is recorded as it is drawn, in ``faces.csv`` (``layout.FACES_FILE``): the eye
+centres (centres of the eye openings), the nose tip (lower end of the nose ridge, level with the
+nostrils), the mouth corners (ends of the lip line) and a detector-style box (see
+``face_record``), in image pixels.
 """
 from __future__ import annotations
 
@@ -40,6 +45,11 @@ SEVERITY_SCALE = {"slight": 0.4, "mid": 0.7, "heavy": 1.0}
 MASK_DISEASES = ("BCC", "SCC")
 SPEC_FILE = "synth_spec.json"  # the spec a MeMa-Synth folder was rendered from
 RESOLUTIONS = (64, 128, 256)
+# The recorded face box, in face units: from this far above the eye line to this fraction of the
+# face height below the face centre (the chin), this fraction of the face half-width either side.
+FACE_BOX_ABOVE_EYES = 0.36
+FACE_BOX_CHIN = 0.92
+FACE_BOX_HALF_WIDTH = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,6 +273,12 @@ def _identity_params(ident: Identity) -> dict:
 
 def render(image: ImageSpec, resolution: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Renders one image: (uint8 HxWx3, bool HxW tumour mask or None)."""
+    rgb, mask, _ = render_with_face(image, resolution)
+    return rgb, mask
+
+
+def render_with_face(image: ImageSpec, resolution: int) -> tuple[np.ndarray, np.ndarray | None, layout.FaceRecord]:
+    """Renders one image: (uint8 HxWx3, bool HxW tumour mask or None, its face record)."""
     ident = image.identity
     p = _identity_params(ident)
     r = np.random.default_rng([ident.seed, image.index, 7])
@@ -382,7 +398,32 @@ def render(image: ImageSpec, resolution: int) -> tuple[np.ndarray, np.ndarray | 
     if c.lesion is not None:
         # At 32-64 px a slight lesion can be under a pixel: keep its most-covered pixels.
         mask = c.lesion > min(0.5, 0.5 * float(c.lesion.max()))
-    return rgb, mask
+    return rgb, mask, face_record(image.image_id, c, p, yaw=yaw, mouth=(mx, my, mw), smile=smile)
+
+
+def face_record(image_id: str, c: _Canvas, p: dict, *, yaw: float, mouth: tuple[float, float, float],
+                smile: float) -> layout.FaceRecord:
+    """Where ``render`` drew the face, in pixels (centres at integers).  Points in face units:
+    eyes (+-eye_dx + yaw, eye_y), nose tip (1.5 yaw, eye_y + 0.06 + nose_len), mouth corners
+    (mx -+ mw, on the lip curve).  Box: upright, centred on the face's (box_u, box_v) point and
+    sized in face units to cover brows to chin and cheek to cheek (as a face detector's box)."""
+    mx, my, mw = mouth
+
+    def to_pixels(u: float, v: float) -> tuple[float, float]:
+        x = c.scale * (c.cos * u - c.sin * v) + c.tx
+        y = c.scale * (c.sin * u + c.cos * v) + c.ty
+        return (x + 1) / 2 * c.res - 0.5, (y + 1) / 2 * c.res - 0.5
+
+    corner_v = my + smile * (0.9 * mw**2 - 0.004)
+    points = (to_pixels(-p["eye_dx"] + yaw, p["eye_y"]), to_pixels(p["eye_dx"] + yaw, p["eye_y"]),
+              to_pixels(1.5 * yaw, p["eye_y"] + 0.06 + p["nose_len"]), to_pixels(mx - mw, corner_v),
+              to_pixels(mx + mw, corner_v))
+    top, bottom = p["eye_y"] - FACE_BOX_ABOVE_EYES, 0.02 + p["face_h"] * FACE_BOX_CHIN
+    half_w = p["face_w"] * FACE_BOX_HALF_WIDTH
+    cx, cy = to_pixels(yaw, (top + bottom) / 2)
+    half = (half_w * c.scale * c.res / 2, (bottom - top) / 2 * c.scale * c.res / 2)
+    box = (cx - half[0], cy - half[1], cx + half[0], cy + half[1])
+    return layout.FaceRecord(image_id, box, points)
 
 
 def a_eye_in(c: _Canvas, inner_box, eye_box, eye_alpha) -> np.ndarray:
@@ -415,15 +456,15 @@ def _record(image: ImageSpec, has_mask: bool) -> layout.Record:
     )
 
 
-def _write_chunk(args) -> list[layout.Record]:
+def _write_chunk(args) -> list[tuple[layout.Record, layout.FaceRecord]]:
     root, images, resolution = args
     out = []
     for image in images:
-        rgb, mask = render(image, resolution)
+        rgb, mask, face = render_with_face(image, resolution)
         layout.write_png(Path(root) / "images" / f"{image.image_id}.png", rgb)
         if mask is not None:
             layout.write_png(Path(root) / "masks" / f"{image.image_id}.png", mask.astype(np.uint8) * 255)
-        out.append(_record(image, mask is not None))
+        out.append((_record(image, mask is not None), face))
     return out
 
 
@@ -444,9 +485,22 @@ def generate(root, spec: SynthSpec, *, workers: int = 1, overwrite: bool = False
             parts = list(pool.map(_write_chunk, chunks))
     else:
         parts = [_write_chunk(ch) for ch in chunks]
-    records = [rec for part in parts for rec in part]
+    records = [rec for part in parts for rec, _ in part]
     layout.atomic_write_bytes(root / SPEC_FILE, json.dumps(spec_dict(spec), indent=2).encode())
+    layout.write_faces(root, [face for part in parts for _, face in part])
     layout.write_labels(root, records)
+    return layout.read_dataset(root, verify_images=False)
+
+
+def add_faces(root, spec: SynthSpec) -> layout.MeMaDataset:
+    """Writes the missing faces.csv of a MeMa-Synth folder rendered before faces were recorded
+    (the folder's spec must be ``spec``: same spec, same images, so the faces are theirs)."""
+    root = Path(root)
+    if not (root / SPEC_FILE).is_file():
+        raise ValueError(f"{root / SPEC_FILE}: missing; only a MeMa-Synth folder's faces can be rendered again")
+    check_spec(root, spec)
+    if not (root / layout.FACES_FILE).exists():
+        layout.write_faces(root, [render_with_face(image, spec.resolution)[2] for image in plan(spec)])
     return layout.read_dataset(root, verify_images=False)
 
 

@@ -291,6 +291,8 @@ def iresnet_files(weights_dir):
 
 
 def test_our_architectures_have_the_official_key_names_and_shapes():
+    assert list(iresnet("r18").state_dict()) == official_iresnet_keys((2, 2, 2, 2))
+    assert list(iresnet("r34").state_dict()) == official_iresnet_keys((3, 4, 6, 3))
     assert list(iresnet("r50").state_dict()) == official_iresnet_keys((3, 4, 14, 3))
     assert list(iresnet("r100").state_dict()) == official_iresnet_keys((3, 13, 30, 3))
     sphere = Sphere20a().state_dict()
@@ -425,7 +427,8 @@ def test_arcface_uses_mtcnn_when_facenet_pytorch_is_installed(iresnet_files, pho
 
 @pytest.mark.parametrize("name,expected_file", [
     ("facenet_vggface2", "20180402-114759-vggface2.pt"), ("facenet_casia", "20180408-102900-casia-webface.pt"),
-    ("sphereface", "sphere20a_20171020.pth"), ("arcface_r50", "backbone.pth"), ("arcface_r100", "backbone.pth"),
+    ("sphereface", "sphere20a_20171020.pth"), ("arcface_r18", "backbone.pth"), ("arcface_r34", "backbone.pth"),
+    ("arcface_r50", "backbone.pth"), ("arcface_r100", "backbone.pth"),
     ("cosface_r50", "backbone.pth"), ("cosface_r100", "backbone.pth"), ("arcface_onnx", "w600k_r50.onnx")])
 def test_missing_weights_say_which_file_and_where_to_get_it(name, expected_file, tmp_path):
     with pytest.raises(MissingWeightsError, match=expected_file) as no_path:
@@ -438,8 +441,9 @@ def test_missing_weights_say_which_file_and_where_to_get_it(name, expected_file,
 
 
 def test_every_registered_name_is_covered_by_the_missing_weights_test():
-    assert set(IDENTITY_MODELS) == {"dlib", "facenet_vggface2", "facenet_casia", "sphereface", "arcface_r50",
-                                    "arcface_r100", "cosface_r50", "cosface_r100", "arcface_onnx"}
+    assert set(IDENTITY_MODELS) == {"dlib", "facenet_vggface2", "facenet_casia", "sphereface", "arcface_r18",
+                                    "arcface_r34", "arcface_r50", "arcface_r100", "cosface_r50", "cosface_r100",
+                                    "arcface_onnx"}
 
 
 def test_missing_dlib_weight_file_is_named(tmp_path):

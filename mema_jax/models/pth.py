@@ -1,0 +1,104 @@
+"""Writing PyTorch ``.pth`` state dicts without torch.
+
+A ``.pth`` is what ``torch.save(state_dict, path)`` writes: an uncompressed zip archive holding
+``data.pkl`` (a protocol-2 pickle of ``{name: torch._utils._rebuild_tensor_v2(storage, offset,
+size, stride, requires_grad, backward_hooks)}`` whose storages are persistent ids), one raw
+little-endian file per storage under ``data/``, and small ``version`` / ``byteorder`` records.
+The pickle is emitted opcode by opcode here, so no torch import is needed (JAX code never imports
+torch at run time); ``torch.load(path, weights_only=True)`` reads it, as the tests check.
+Each record's bytes start at a multiple of 64, as torch aligns them (so ``mmap=True`` works too).
+"""
+from __future__ import annotations
+
+import os
+import struct
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from mema_jax.fileio import atomic_file
+
+# numpy dtype -> the torch storage class torch.load rebuilds it with.
+STORAGE_CLASSES = {
+    np.dtype(np.float32): "FloatStorage", np.dtype(np.float64): "DoubleStorage", np.dtype(np.float16): "HalfStorage",
+    np.dtype(np.int64): "LongStorage", np.dtype(np.int32): "IntStorage", np.dtype(np.int16): "ShortStorage",
+    np.dtype(np.int8): "CharStorage", np.dtype(np.uint8): "ByteStorage", np.dtype(np.bool_): "BoolStorage",
+}
+ALIGNMENT = 64
+ARCHIVE = "archive"  # the folder name inside the zip (torch uses the file's stem; any name loads)
+
+# pickle opcodes (protocol 2)
+_PROTO, _EMPTY_DICT, _MARK, _SETITEMS, _STOP = b"\x80\x02", b"}", b"(", b"u", b"."
+_TUPLE, _EMPTY_TUPLE, _BINPERSID, _REDUCE, _NEWFALSE = b"t", b")", b"Q", b"R", b"\x89"
+
+
+def _global(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def _str(text: str) -> bytes:
+    data = text.encode("utf-8")
+    return b"X" + struct.pack("<I", len(data)) + data
+
+
+def _int(value: int) -> bytes:
+    if -(2**31) <= value < 2**31:
+        return b"J" + struct.pack("<i", value)
+    data = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8a" + bytes([len(data)]) + data  # LONG1
+
+
+def _tuple(values) -> bytes:
+    values = tuple(values)
+    return _EMPTY_TUPLE if not values else _MARK + b"".join(_int(v) for v in values) + _TUPLE
+
+
+def _pickle(entries: list[tuple[str, str, np.ndarray]]) -> bytes:
+    """data.pkl for (name, storage key, array) entries, each array its own storage."""
+    out = [_PROTO, _EMPTY_DICT, _MARK]
+    for name, key, array in entries:
+        strides = []
+        step = 1
+        for dim in reversed(array.shape):  # C-contiguous strides in elements
+            strides.append(step)
+            step *= dim
+        storage = (_MARK + _str("storage") + _global("torch", STORAGE_CLASSES[array.dtype]) + _str(key) + _str("cpu")
+                   + _int(array.size) + _TUPLE + _BINPERSID)
+        hooks = _global("collections", "OrderedDict") + _EMPTY_TUPLE + _REDUCE
+        args = _MARK + storage + _int(0) + _tuple(array.shape) + _tuple(reversed(strides)) + _NEWFALSE + hooks + _TUPLE
+        out += [_str(name), _global("torch._utils", "_rebuild_tensor_v2"), args, _REDUCE]
+    out += [_SETITEMS, _STOP]
+    return b"".join(out)
+
+
+def _write_aligned(archive: zipfile.ZipFile, name: str, data: bytes) -> None:
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))  # fixed date: same tensors, same bytes
+    info.compress_type = zipfile.ZIP_STORED
+    header = 30 + len(name.encode())  # local file header without the extra field
+    pad = -(archive.fp.tell() + header + 4) % ALIGNMENT
+    info.extra = b"FB" + struct.pack("<H", pad) + b"Z" * pad  # an extra block of padding, as torch writes
+    archive.writestr(info, data)
+
+
+def write_pth(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> None:
+    """Writes ``tensors`` (name -> numpy array, in this order) as a torch ``.pth`` state dict,
+    atomically.  dtypes: those of ``STORAGE_CLASSES`` (a bfloat16 array is refused: cast it)."""
+    entries = []
+    for i, (name, value) in enumerate(tensors.items()):
+        array = np.asarray(value)
+        array = array if array.flags.c_contiguous else array.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
+        if array.dtype not in STORAGE_CLASSES:
+            raise TypeError(f"{name}: dtype {array.dtype} has no torch storage here; expected one of "
+                            f"{sorted(str(d) for d in STORAGE_CLASSES)}")
+        entries.append((str(name), str(i), array.astype(array.dtype.newbyteorder("<"), copy=False)))
+    with atomic_file(Path(path)) as tmp:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
+            _write_aligned(archive, f"{ARCHIVE}/data.pkl", _pickle(entries))
+            _write_aligned(archive, f"{ARCHIVE}/.format_version", b"1")
+            _write_aligned(archive, f"{ARCHIVE}/.storage_alignment", str(ALIGNMENT).encode())
+            _write_aligned(archive, f"{ARCHIVE}/byteorder", b"little")
+            for _, key, array in entries:
+                _write_aligned(archive, f"{ARCHIVE}/data/{key}", array.tobytes())
+            _write_aligned(archive, f"{ARCHIVE}/version", b"3\n")
