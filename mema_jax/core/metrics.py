@@ -58,6 +58,7 @@ class CsvWriter(_ScalarWriter):
         now = f"{time.time():.3f}"
         for name, value in scalars.items():
             self._csv.writerow([step, name, float(np.asarray(value)), now])
+        self._file.flush()  # rows reach the file as they are logged (a run is watched, or killed)
 
 
     def write_hparams(self, hparams):
