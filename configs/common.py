@@ -21,5 +21,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.async_checkpoints = True
     c.log_every = 50
+    c.eval_at_start = False  # True: evaluate the starting state too (logged as step 0)
     c.profile_steps = 0  # > 0: capture a profile of that many steps (clu periodic action)
     return c

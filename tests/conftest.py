@@ -49,3 +49,48 @@ def tiny_sd(tmp_path_factory):
     size = TINY_SD_SIZE // 2
     latents = torch.randn(2, 4, size, size, generator=torch.Generator().manual_seed(0))
     return folder, latents
+
+
+def _launch_tiny(config: str, workdir: Path, data_root: Path, *overrides: str) -> Path:
+    """Runs ``launch.main`` on one emulated device (a user's laptop run) and returns the workdir."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("XLA_FLAGS", None)
+    cmd = [sys.executable, "-m", "launch.main", f"--config={config}", f"--workdir={workdir}",
+           f"--config.data.root={data_root}", *overrides]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_diffusion_model(tmp_path_factory, synth_dataset_32):
+    """A tiny pixel-space diffusion model trained in full on MeMa-Synth (configs/mema_lora.py:tiny),
+    its exported pipeline folder: the medical encoder's source."""
+    workdir = _launch_tiny("configs/mema_lora.py:tiny", tmp_path_factory.mktemp("diffusion"), synth_dataset_32.root,
+                           "--config.mode=full", "--config.eval_every=0")
+    return workdir / "model"
+
+
+@pytest.fixture(scope="session")
+def tiny_identity_backbone(tmp_path_factory, synth_dataset_32):
+    """A tiny ArcFace (configs/identity.py:tiny) trained on MeMa-Synth identities: backbone.pth."""
+    workdir = _launch_tiny("configs/identity.py:tiny", tmp_path_factory.mktemp("identity"), synth_dataset_32.root)
+    return workdir / "backbone.pth"
+
+
+TINY_DEID_STEPS = 300
+
+
+@pytest.fixture(scope="session")
+def tiny_deid_run(tmp_path_factory, tiny_diffusion_model, tiny_identity_backbone, synth_dataset_32):
+    """A tiny MedSem-DeID (configs/medsem_deid.py:tiny) trained TINY_DEID_STEPS steps on MeMa-Synth
+    with the tiny medical encoder and ArcFace, evaluated at the start and the end: its workdir
+    (metrics.csv, model/)."""
+    return _launch_tiny("configs/medsem_deid.py:tiny", tmp_path_factory.mktemp("deid"), synth_dataset_32.root,
+                        f"--config.medical_encoder.source={tiny_diffusion_model}",
+                        f"--config.identity.weights={tiny_identity_backbone}",
+                        f"--config.total_steps={TINY_DEID_STEPS}", f"--config.eval_every={TINY_DEID_STEPS}",
+                        "--config.eval_at_start=true", f"--config.checkpoint_every={TINY_DEID_STEPS}",
+                        "--config.log_every=50")

@@ -22,13 +22,21 @@ from mema_jax.data import layout
 class MeMaSource(grain.RandomAccessDataSource):
     """Records of one split; yields dicts of numpy arrays (image uint8 HxWx3, label, ...)."""
 
-    def __init__(self, dataset: layout.MeMaDataset, split: str, image_size: int, with_masks: bool = False):
+    def __init__(self, dataset: layout.MeMaDataset, split: str, image_size: int, with_masks: bool = False,
+                 with_faces: bool = False):
         self.dataset = dataset
         self.records = dataset.split(split)
         if not self.records:
             raise ValueError(f"{dataset.root / layout.LABELS_FILE}: split {split!r} has no records")
+        if with_faces:
+            missing = [r.image_id for r in self.records if dataset.face(r) is None]
+            if missing:
+                raise layout.MeMaFormatError(
+                    f"{dataset.root / layout.FACES_FILE}: {len(missing)} images of split {split!r} have no recorded "
+                    f"face (e.g. {missing[:3]}); this pipeline aligns faces from their five points")
         self.image_size = image_size
         self.with_masks = with_masks
+        self.with_faces = with_faces
 
     def __len__(self) -> int:
         return len(self.records)
@@ -36,6 +44,7 @@ class MeMaSource(grain.RandomAccessDataSource):
     def __getitem__(self, index: int) -> dict:
         rec = self.records[index]
         image = self.dataset.load_image(rec)
+        scale = (self.image_size / image.shape[1], self.image_size / image.shape[0])
         if image.shape[:2] != (self.image_size, self.image_size):
             image = np.asarray(Image.fromarray(image).resize((self.image_size, self.image_size), Image.BICUBIC))
         out = {
@@ -53,6 +62,9 @@ class MeMaSource(grain.RandomAccessDataSource):
                 mask = np.zeros((self.image_size, self.image_size), bool)
             out["mask"] = mask
             out["has_mask"] = np.bool_(bool(rec.mask))
+        if self.with_faces:  # five points (x, y), in the pixels of the resized image (centres at integers)
+            points = self.dataset.face(rec).landmarks_array()
+            out["landmarks"] = ((points + 0.5) * np.asarray(scale) - 0.5).astype(np.float32)
         return out
 
     def __repr__(self) -> str:  # grain puts this in checkpoints / logs
@@ -61,7 +73,8 @@ class MeMaSource(grain.RandomAccessDataSource):
 
 @dataclasses.dataclass(frozen=True)
 class Augment(grain.RandomMapTransform):
-    """Horizontal flip (image and mask) and brightness/contrast jitter."""
+    """Horizontal flip (image, mask and five face points, whose image-left and image-right points
+    then swap) and brightness/contrast jitter."""
 
     flip: bool = True
     brightness: float = 0.1
@@ -73,6 +86,10 @@ class Augment(grain.RandomMapTransform):
             image = image[:, ::-1]
             if "mask" in element:
                 element = dict(element, mask=element["mask"][:, ::-1].copy())
+            if "landmarks" in element:
+                points = element["landmarks"][[1, 0, 2, 4, 3]].copy()  # eyes and mouth corners swap sides
+                points[:, 0] = image.shape[1] - 1 - points[:, 0]
+                element = dict(element, landmarks=points)
         if self.brightness or self.contrast:
             b = rng.uniform(-self.brightness, self.brightness) * 255
             c = 1 + rng.uniform(-self.contrast, self.contrast)
@@ -98,13 +115,14 @@ def make_loader(
     num_epochs: int | None = None,
     augment: bool = True,
     with_masks: bool = False,
+    with_faces: bool = False,
     worker_count: int = 0,
     drop_remainder: bool = True,
 ) -> grain.DataLoader:
     """A grain DataLoader yielding this process's part of each global batch."""
     if global_batch_size % jax.process_count():
         raise ValueError(f"batch size {global_batch_size} is not divisible by {jax.process_count()} processes")
-    source = MeMaSource(dataset, split, image_size, with_masks=with_masks)
+    source = MeMaSource(dataset, split, image_size, with_masks=with_masks, with_faces=with_faces)
     sampler = grain.IndexSampler(
         num_records=len(source),
         shard_options=grain.ShardByJaxProcess(drop_remainder=True),

@@ -1,0 +1,163 @@
+r"""MedSem-DeID: the medical-semantics-preserving reversible de-identifier (paper, Fig. 5).
+
+Run:
+  python -m launch.main --config=configs/medsem_deid.py:synth --workdir=runs/medsem_deid
+  python -m launch.main --config=configs/medsem_deid.py:paper --workdir=runs/medsem_deid_paper \
+      --config.data.root=/path/to/MeMa --config.medical_encoder.source=/path/to/stable-diffusion-v1-5 \
+      --config.medical_encoder.lora=runs/mema_lora_medical/lora --config.identity.weights=/path/to/backbone.pth
+The argument is a base variant and optional modifiers, comma-separated ("synth,m3,recover_image"):
+  bases       paper (512 px, the paper's optimiser and weights), gpu (paper on one GPU), synth
+              (MeMa-Synth 64 px, CPU minutes), tiny (tests)
+  m1 .. m4    Tab. 9's ablations: m1 trains on healthy faces only ("FFHQ": no disease shown; offline,
+              the Normal images of MeMa-Synth) without f_med or L_med; m2 MeMa without f_med or
+              L_med; m3 with f_med, without L_med; m4 without f_med, with L_med (the full model has both)
+  vit_supervised, vit_mae   Tab. 10's medical encoders (configs/vit_encoder.py exports) instead of
+              the diffusion UNet's first blocks
+  recover_image   recover from the 8-bit de-identified image (the PNG alone + passphrase), trained
+              through its quantisation, instead of from the encrypted features (the paper's)
+  Fig. 8: sweep ``--config.loss.lambda_med`` (0.1, 1, 5, 10) with lambda_rev held at 0.1, and
+  ``--config.loss.lambda_rev`` (0.01, 0.1, 1, 10) with lambda_med held at 5.
+Prerequisites (synth): the diffusion UNet of configs/mema_lora.py:synth (runs/mema_synth_unet/model)
+and the ArcFace of configs/identity.py (runs/identity/backbone.pth); the quickstart makes both.
+
+Choices the paper leaves open (its architecture details are in a supplement we do not have):
+  * image encoder: a ResNet-style conv encoder to C x H/s with C = 512, s = 32 at 512 px (the
+    paper's f_face); for 64 px, s = 8 (an 8 x 8 token grid; s = 32 would leave 2 x 2 tokens);
+  * f_med is resized (antialiased) to the token grid and concatenated, then 3 residual blocks;
+  * ID-Encryptor / ID-Decryptor: 4 pre-LN Transformer blocks each at width 512, 8 heads (synth:
+    2 blocks, width 128, 4 heads); the password joins as an extra token, as the paper's
+    "concatenate" says; ``model.password_mode`` = cross_attention | modulation are the
+    alternatives to sweep;
+  * ``model.password_key = sign_mask``: f_enc is also multiplied by a +-1 pad drawn from the
+    password, which the decryptor multiplies back (deid_jax/model.py).  With the password only
+    concatenated (``none``, the paper as written) the decryptor learnt to ignore it: measured on
+    :tiny (lr 2e-3, lambda_rev 1, token mode), psnr_wrong within 0.4 dB of psnr_rec after 300-400
+    steps, with and without L_sep (modulation mode: the same after 120 steps); with the pad,
+    psnr_rec 16.9 vs psnr_wrong 7.8 dB;
+  * ``loss.lambda_sep = 1``, ``sep_margin = 0.25``: a term of ours (deid_jax/losses.py) asking the
+    wrong-password output to differ from the right one and to lie farther from X by the margin
+    (mean absolute difference of [-1, 1] images); measured on the same :tiny runs with the pad: psnr_wrong
+    7.8 dB with it, 11.4 dB without (psnr_rec 16.9 / 16.8).  0 gives the paper's objective;
+  * one image decoder shared by X_enc and X_hat ("the image decoder" in the paper);
+  * the discriminator is a PatchGAN (local realism, where the eye signs are) with the
+    non-saturating logistic loss; R1 off by default;
+  * Enc_med: the UNet's conv_in and first down block (SD1.5: 320 x H/16) at t = 50 with a fixed
+    noise pattern and the empty prompt; synth: the first two down blocks (32 x H/4) at t = 50;
+  * faces for ArcFace are aligned from the dataset's five points (faces.csv) with a
+    differentiable warp; ``identity.crop="whole"`` resizes the whole image instead.
+Measured (2-core CPU, :synth): TBD.
+"""
+import ml_collections
+
+from configs.common import base_config
+
+BASES = ("paper", "gpu", "synth", "tiny")
+MODIFIERS = ("m1", "m2", "m3", "m4", "vit_supervised", "vit_mae", "recover_image")
+
+
+def get_config(arg=None):
+    parts = [p for p in (arg or "synth").split(",") if p]
+    base, modifiers = parts[0], parts[1:]
+    if base not in BASES:
+        raise ValueError(f"unknown base variant {base!r} of configs/medsem_deid.py; use one of {BASES}")
+    bad = [m for m in modifiers if m not in MODIFIERS]
+    if bad:
+        raise ValueError(f"unknown modifiers {bad} of configs/medsem_deid.py; use some of {MODIFIERS}")
+    c = base_config()
+    c.trainer = "deid_jax.train"
+    c.variant = ",".join(parts)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.root = "data/mema_synth_64_3k"
+    c.data.image_size = 64
+    c.data.generate_if_missing = True
+    c.data.verify_images = True
+    c.data.augment = False  # a flip would move a one-sided sign to the other eye
+    c.data.workers = 0
+    c.data.diseases = ()  # () = all; Tab. 9's M1 trains on ("Normal",)
+    c.data.synth = ml_collections.ConfigDict({"num_images": 3000, "images_per_identity": 4, "resolution": 64, "seed": 0})
+
+    c.model = ml_collections.ConfigDict({
+        "encoder_widths": (64, 128, 256, 512, 512, 512), "face_channels": 512, "med_channels": 320,
+        "fusion_blocks": 3, "width": 512, "depth": 4, "heads": 8, "mlp_ratio": 4, "password_dim": 512,
+        "password_mode": "token", "password_tokens": 4, "password_key": "sign_mask", "decoder_widths": (512, 512, 512, 256, 128, 64),
+        "recover_from": "features", "norm_groups": 32, "remat": "none"})
+    c.medical_encoder = ml_collections.ConfigDict({"kind": "diffusion", "source": "", "lora": "",
+                                                   "num_down_blocks": 1, "timestep": 50})
+    c.identity = ml_collections.ConfigDict({"weights": "", "crop": "landmarks"})
+    c.loss = ml_collections.ConfigDict({"lambda_med": 5.0, "lambda_rev": 0.1, "lambda_gan": 1.0,
+                                        "lambda_sep": 1.0, "sep_margin": 0.25})
+    c.gan = ml_collections.ConfigDict({"widths": (64, 128, 256, 512), "r1": 0.0})
+    adam = {"name": "adam", "lr": 2e-4, "b1": 0.5, "b2": 0.99, "schedule": "step", "decay_steps": (150_000,),
+            "decay_factor": 0.5, "warmup_steps": 0, "grad_clip": 0.0}
+    c.optim = ml_collections.ConfigDict(adam)
+    c.optim_discriminator = ml_collections.ConfigDict(adam)
+    c.precision.compute_dtype = "float32"
+    c.batch_size = 16
+    c.total_steps = 300_000
+    c.eval_every = 5000
+    c.eval_batches = 16
+    c.eval_split = "select"  # the paper's hyper-parameter selection split; tables use val
+    c.checkpoint_every = 5000
+    c.log_every = 100
+
+    if base in ("paper", "gpu"):
+        c.data.root = ""
+        c.data.generate_if_missing = False
+        c.data.image_size = 512
+        c.data.verify_images = False
+        c.data.workers = 8
+        c.mesh.update(data=-1, fsdp=1)
+    if base == "gpu":
+        c.batch_size = 8
+        c.model.remat = "dots"
+        c.total_steps = 20_000
+        c.optim.decay_steps = (10_000,)
+        c.optim_discriminator.decay_steps = (10_000,)
+    if base in ("synth", "tiny"):
+        c.medical_encoder.update(source="runs/mema_synth_unet/model", num_down_blocks=2)
+        c.identity.weights = "runs/identity/backbone.pth"
+        c.model.update(encoder_widths=(32, 64, 128, 128), face_channels=128, med_channels=32, width=128, depth=2,
+                       heads=4, decoder_widths=(128, 128, 64, 32), norm_groups=8)
+        c.gan.widths = (32, 64, 128)
+        c.batch_size = 16
+        c.total_steps = 1500
+        for o in (c.optim, c.optim_discriminator):
+            o.update(lr=5e-4, decay_steps=(1000,))
+        c.eval_every = 500
+        c.eval_batches = 4
+        c.eval_split = "val"
+        c.checkpoint_every = 250
+        c.log_every = 50
+    if base == "tiny":
+        c.data.root = "data/mema_synth_32_tiny"
+        c.data.image_size = 32
+        c.data.synth.update(num_images=160, images_per_identity=4, resolution=32)
+        c.medical_encoder.num_down_blocks = 1
+        c.model.update(encoder_widths=(16, 32, 32), face_channels=32, width=32, depth=1, heads=2,
+                       decoder_widths=(32, 32, 16))
+        c.gan.widths = (16, 32)
+        c.optim.lr = 2e-3  # the generator: the 300-step test run must learn to recover
+        c.batch_size = 8
+        c.total_steps = 12
+        c.eval_every = 6
+        c.eval_batches = 2
+        c.checkpoint_every = 4
+        c.log_every = 2
+
+    for m in modifiers:
+        if m in ("m1", "m2"):
+            c.model.med_channels = 0
+            c.loss.lambda_med = 0.0
+            if m == "m1":
+                c.data.diseases = ("Normal",)
+        elif m == "m3":
+            c.loss.lambda_med = 0.0
+        elif m == "m4":
+            c.model.med_channels = 0
+        elif m in ("vit_supervised", "vit_mae"):
+            c.medical_encoder.kind = "vit"
+            c.medical_encoder.source = f"runs/{m}/encoder"
+        elif m == "recover_image":
+            c.model.recover_from = "image"
+    return c
