@@ -1,0 +1,451 @@
+r"""De-identify a folder of face photos with a trained MedSem-DeID, and recover it with the passphrase.
+
+    python -m deid_jax.deidentify deidentify --model runs/medsem_deid/model --in PHOTOS --out METHOD
+    python -m deid_jax.deidentify recover --model runs/medsem_deid/model --in METHOD [--out FOLDER]
+
+The passphrase is asked for at a prompt (not echoed), or read from ``--passphrase-env VAR`` or
+``--passphrase-file FILE``; it is never taken from the command line (where ``ps`` and the shell
+history would show it) and never written anywhere.  What is written:
+
+    METHOD/deid/<name>.png        the de-identified image, at the original's size, no metadata
+    METHOD/features/<name>.npy    the encrypted features f_enc (models that recover from features,
+                                  the paper's path; for ``recover_from=image`` models the PNG suffices)
+    METHOD/password.json          the salt and scrypt cost the passphrase is stretched with (public)
+    METHOD/recovered/<name>.png   ``recover``'s output (or under ``--out``)
+    METHOD/failures.csv           the inputs that could not be processed, with the reason
+
+``<name>`` is each image's path below the input folder (``images/`` of a MeMa root), so METHOD is
+the method-folder layout ``eval.report`` scores.  ``--opaque-names --name-map FILE`` writes outputs
+under random names instead and the original -> opaque map to FILE (keep it apart from the images);
+the failures, which name originals, then go to FILE's stem + ``.failures.csv``, not into METHOD.
+
+Inputs are only read.  Each output is written atomically; a rerun skips outputs that exist (a
+killed run finishes where it stopped).  A bad input (unreadable, grayscale or RGBA unless
+``--convert-color``, another size than the model's when ``--size refuse``) is listed with its
+reason and the rest of the folder is still done; the exit status is then 3.  Images of another
+size are resized to the model's size and the output back to the original's (``--size resize``).
+Outputs carry none of the input's metadata (EXIF, XMP, IPTC, ICC profile, comments: camera
+serials, GPS positions, names): they are new PNGs holding pixels only.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import os
+import secrets
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from deid_jax import medical_encoder as med_lib
+from deid_jax import passwords
+from deid_jax.model import DeidConfig, MedSemDeID
+from mema_jax.errors import InputError
+from mema_jax.fileio import atomic_file, atomic_write_bytes, write_png
+from mema_jax.models import param_tree, weights
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+CONFIG_FILE = "deid_config.json"
+GENERATOR_FILE = "generator.safetensors"
+FAILURES_FILE = "failures.csv"
+SIZE_POLICIES = ("resize", "refuse")
+
+
+class DeidModelError(InputError):
+    """A model folder that is not a MedSem-DeID export; the message names it."""
+
+
+@dataclasses.dataclass
+class Deidentifier:
+    """A trained MedSem-DeID: ``deidentify(images, password)`` and ``recover(encrypted, password)``
+    on batches of uint8 (B, S, S, 3) images at the model's size S, one password vector per call."""
+
+    config: DeidConfig
+    params: dict
+    medical: med_lib.MedicalEncoder | None
+
+    @classmethod
+    def load(cls, folder) -> Deidentifier:
+        folder = Path(folder)
+        try:
+            settings = json.loads((folder / CONFIG_FILE).read_text())
+            config = DeidConfig.from_dict(settings["model"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DeidModelError(f"{folder}: not a MedSem-DeID model folder ({CONFIG_FILE}: {e}); the trainer "
+                                 "writes one to <workdir>/model") from None
+        medical = med_lib.load(folder / settings["medical_encoder"]) if settings.get("medical_encoder") else None
+        abstract = _abstract_params(config, medical)
+        flat = weights.read_state_dict(os.fspath(folder / GENERATOR_FILE))
+        key_map = [weights.KeyMapping(p, p) for p in param_tree.flatten(abstract)]
+        params = weights.load_into(abstract, flat, key_map, source=os.fspath(folder / GENERATOR_FILE))
+        return cls(config, params, medical)
+
+    @property
+    def size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def recovers_from_image(self) -> bool:
+        return self.config.recover_from == "image"
+
+    def deidentify(self, images: np.ndarray, password: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """-> (de-identified uint8 images, encrypted features f_enc float32)."""
+        x_enc, f_enc = _deidentify(self.config, self.params, self.medical.params if self.medical else None,
+                                   self._med_apply(), _to_float(images), _batch_password(password, len(images)))
+        return _to_uint8(x_enc), np.asarray(f_enc)
+
+    def recover(self, encrypted: np.ndarray, password: np.ndarray) -> np.ndarray:
+        """``encrypted``: the de-identified uint8 images (``recover_from=image``) or f_enc ("features")."""
+        data = _to_float(encrypted) if self.recovers_from_image else jnp.asarray(encrypted, jnp.float32)
+        return _to_uint8(_recover(self.config, self.params, data, _batch_password(password, len(encrypted))))
+
+    def _med_apply(self):
+        return None if self.medical is None else self.medical.apply
+
+
+def _abstract_params(config: DeidConfig, medical):
+    x = jnp.zeros((1, config.image_size, config.image_size, 3))
+    p = jnp.zeros((1, config.password_dim))
+    f_med = None
+    if config.med_channels:
+        shape = jax.eval_shape(medical.apply, medical.params, x).shape
+        f_med = jnp.zeros(shape)
+    boxed = jax.eval_shape(lambda: MedSemDeID(config).init(jax.random.key(0), x, f_med, p, p)["params"])
+    return boxed
+
+
+def _batch_password(password, n):
+    return jnp.broadcast_to(jnp.asarray(password, jnp.float32)[None], (n, password.shape[-1]))
+
+
+def _to_float(images):
+    return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
+
+
+def _to_uint8(x) -> np.ndarray:
+    return np.asarray(jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255)).astype(np.uint8)
+
+
+_COMPILED: dict = {}
+
+
+def _deidentify(config, params, med_params, med_apply, x, password):
+    key = ("deid", config, med_apply)
+    if key not in _COMPILED:
+        model = MedSemDeID(config)
+
+        def run(params, med_params, x, password):
+            f_med = med_apply(med_params, x) if config.med_channels else None
+            return model.apply({"params": params}, x, f_med, password, method=MedSemDeID.deidentify)
+
+        _COMPILED[key] = jax.jit(run)
+    return _COMPILED[key](params, med_params, x, password)
+
+
+def _recover(config, params, encrypted, password):
+    key = ("recover", config)
+    if key not in _COMPILED:
+        model = MedSemDeID(config)
+        _COMPILED[key] = jax.jit(lambda p, e, pw: model.apply({"params": p}, e, pw, method=MedSemDeID.recover))
+    return _COMPILED[key](params, encrypted, password)
+
+
+# ----------------------------------------------------------------------------------------------
+# Folders.
+
+
+def list_images(folder, split: str = "") -> tuple[Path, list[str]]:
+    """(image folder, names): every image below ``folder`` (``images/`` of a MeMa root), by relative
+    path; ``split`` keeps the images of one split of a MeMa root (its labels.csv)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: no such folder")
+    mema = (folder / "labels.csv").is_file() and (folder / "images").is_dir()
+    image_dir = folder / "images" if mema else folder
+    names = sorted(p.relative_to(image_dir).as_posix() for p in image_dir.rglob("*")
+                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if split:
+        if not mema:
+            raise InputError(f"{folder}: --split needs a MeMa root (labels.csv and images/)")
+        from mema_jax.data.layout import read_dataset
+
+        records = [r for r in read_dataset(folder, verify_images=False).records if r.split == split]
+        if not records:
+            raise InputError(f"{folder / 'labels.csv'}: no images in split {split!r}")
+        wanted = {Path(r.image).relative_to("images").as_posix() if r.image.startswith("images/") else r.image
+                  for r in records}
+        names = [n for n in names if n in wanted]
+    return image_dir, names
+
+
+def read_image(path: Path, size: int, size_policy: str, convert_color: bool) -> tuple[np.ndarray, tuple[int, int]]:
+    """(uint8 (size, size, 3), original (width, height)); raises ValueError with the reason."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode, original = im.mode, im.size
+            if mode not in ("RGB",):
+                if not convert_color:
+                    what = {"L": "grayscale", "LA": "grayscale with alpha", "RGBA": "RGBA (has an alpha channel)",
+                            "P": "palette", "I;16": "16-bit grayscale", "CMYK": "CMYK"}.get(mode, f"mode {mode}")
+                    raise ValueError(f"{what}, not RGB; pass --convert-color to convert it")
+                im = im.convert("RGB")
+            if original != (size, size):
+                if size_policy == "refuse":
+                    raise ValueError(f"size {original[0]}x{original[1]}, the model takes {size}x{size} "
+                                     "(--size resize to resize)")
+                im = im.resize((size, size), Image.BICUBIC)
+            return np.asarray(im, np.uint8), original
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a broken file
+        raise ValueError(f"unreadable image ({type(e).__name__}: {e})") from None
+
+
+def _resized(image: np.ndarray, original: tuple[int, int]) -> np.ndarray:
+    if image.shape[1::-1] == original:
+        return image
+    return np.asarray(Image.fromarray(image).resize(original, Image.BICUBIC))
+
+
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _write_failures(path: Path, failures: dict[str, str]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["name", "reason"])
+    for name, reason in sorted(failures.items()):
+        writer.writerow([name, reason])
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def _check_apart(inputs: Path, out: Path) -> None:
+    inputs, out = inputs.resolve(), out.resolve()
+    if out == inputs or inputs in out.parents or out in inputs.parents:
+        raise InputError(f"{out}: the output folder must be outside the input folder {inputs} (inputs are never written)")
+
+
+def _progress(groups, desc):
+    """Yields the batches, with a progress bar counting images."""
+    from tqdm import tqdm
+
+    with tqdm(total=sum(len(g) for g in groups), desc=desc, unit="img", file=sys.stderr) as bar:
+        for group in groups:
+            yield group
+            bar.update(len(group))
+
+
+def _batches(names, batch_size):
+    for i in range(0, len(names), batch_size):
+        yield names[i:i + batch_size]
+
+
+def _pad(images: list[np.ndarray], batch: int) -> np.ndarray:
+    out = np.zeros((batch,) + images[0].shape, images[0].dtype)
+    out[: len(images)] = images
+    return out
+
+
+def deidentify_folder(model: Deidentifier, inputs, out, passphrase: str, *, batch_size: int = 16,
+                      split: str = "", size_policy: str = "resize", convert_color: bool = False, name_map: str | None = None,
+                      key_params: passwords.KeyParams | None = None) -> dict:
+    """De-identifies every image below ``inputs`` into ``out`` (see the module docstring).
+    Returns {"done": [...names], "skipped": [...], "failures": {name: reason}, "out": Path}."""
+    if size_policy not in SIZE_POLICIES:
+        raise ValueError(f"size policy {size_policy!r}; choose one of {SIZE_POLICIES}")
+    image_dir, names = list_images(inputs, split)
+    out = Path(out)
+    _check_apart(image_dir, out)
+    if not names:
+        raise InputError(f"{image_dir}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / passwords.PARAMS_FILE).is_file():  # a rerun keeps the folder's salt
+        key_params = passwords.KeyParams.load(out)
+    key_params = key_params or passwords.KeyParams.new()
+    key_params.save(out)
+    password = passwords.password_vector(passphrase, key_params)
+    opaque = _load_name_map(name_map) if name_map else None
+    result = {"done": [], "skipped": [], "failures": {}, "out": out}
+
+    def target(name: str, assign: bool = True) -> str | None:
+        if opaque is None:
+            return str(Path(name).with_suffix(".png"))
+        if name not in opaque and assign:  # only images that are written get a name in the map
+            opaque[name] = f"{secrets.token_hex(8)}.png"
+        return opaque.get(name)
+
+    todo = []
+    for name in names:
+        t = target(name, assign=False)
+        if t is None:
+            todo.append(name)
+            continue
+        deid, feats = out / "deid" / t, out / "features" / Path(t).with_suffix(".npy")
+        if deid.exists() and (model.recovers_from_image or feats.exists()):
+            result["skipped"].append(name)
+        else:
+            todo.append(name)
+    for group in _progress(list(_batches(todo, batch_size)), "de-identifying"):
+        images, originals, ok = [], [], []
+        for name in group:
+            try:
+                image, original = read_image(image_dir / name, model.size, size_policy, convert_color)
+            except ValueError as e:
+                result["failures"][name] = str(e)
+                continue
+            images.append(image)
+            originals.append(original)
+            ok.append(name)
+        if not ok:
+            continue
+        x_enc, f_enc = model.deidentify(_pad(images, batch_size), password)
+        for i, name in enumerate(ok):
+            t = target(name)
+            if not model.recovers_from_image:
+                _write_npy(out / "features" / Path(t).with_suffix(".npy"), f_enc[i])
+            write_png(out / "deid" / t, _resized(x_enc[i], originals[i]))
+            result["done"].append(name)
+        if opaque is not None:
+            _save_name_map(name_map, opaque)
+    if result["failures"]:  # with opaque names the list names originals, so it goes beside the name map
+        result["failures_file"] = (Path(name_map).with_suffix(".failures.csv") if opaque is not None
+                                   else out / FAILURES_FILE)
+        _write_failures(result["failures_file"], result["failures"])
+    return result
+
+
+def recover_folder(model: Deidentifier, method_dir, passphrase: str, *, out=None, batch_size: int = 16) -> dict:
+    """Recovers ``method_dir/deid`` (with its features, for feature-path models) into
+    ``out`` (default ``method_dir/recovered``), with the passphrase and the folder's password.json.
+    Outputs that exist are skipped.  Returns {"done", "skipped", "failures", "out"} as deidentify_folder."""
+    method_dir = Path(method_dir)
+    key_params = passwords.KeyParams.load(method_dir)
+    password = passwords.password_vector(passphrase, key_params)
+    deid_dir = method_dir / "deid"
+    if not deid_dir.is_dir():
+        raise InputError(f"{deid_dir}: missing; recover reads the de-identified images of a method folder")
+    _, names = list_images(deid_dir)
+    out = Path(out) if out is not None else method_dir / "recovered"
+    result = {"done": [], "skipped": [n for n in names if (out / n).exists()], "failures": {}, "out": out}
+    todo = [n for n in names if not (out / n).exists()]  # a rerun finishes what a killed one left
+    for group in _progress(list(_batches(todo, batch_size)), "recovering"):
+        encrypted, sizes, ok = [], [], []
+        for name in group:
+            try:
+                image, original = read_image(deid_dir / name, model.size, "resize", convert_color=False)
+                if model.recovers_from_image:
+                    encrypted.append(image)
+                else:
+                    feats = method_dir / "features" / Path(name).with_suffix(".npy")
+                    if not feats.is_file():
+                        raise ValueError(f"no encrypted features {feats} (this model recovers from features)")
+                    encrypted.append(np.load(feats))
+            except ValueError as e:
+                result["failures"][name] = str(e)
+                continue
+            sizes.append(original)
+            ok.append(name)
+        if not ok:
+            continue
+        recovered = model.recover(_pad(encrypted, batch_size), password)
+        for i, name in enumerate(ok):
+            write_png(out / name, _resized(recovered[i], sizes[i]))
+            result["done"].append(name)
+    if result["failures"]:
+        result["failures_file"] = out / FAILURES_FILE
+        _write_failures(result["failures_file"], result["failures"])
+    return result
+
+
+def _load_name_map(path) -> dict[str, str]:
+    path = Path(path)
+    if not path.exists():
+        return {}
+    with open(path, newline="") as f:
+        return {row["original"]: row["opaque"] for row in csv.DictReader(f)}
+
+
+def _save_name_map(path, mapping: dict[str, str]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["original", "opaque"])
+    for original, opaque in sorted(mapping.items()):
+        writer.writerow([original, opaque])
+    with atomic_file(Path(path)) as tmp:
+        tmp.write_bytes(buf.getvalue().encode())
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line.
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deid_jax.deidentify", allow_abbrev=False, description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("deidentify", "recover"):
+        p = sub.add_parser(name, allow_abbrev=False)
+        p.add_argument("--model", required=True, help="a MedSem-DeID model folder (<trainer workdir>/model)")
+        p.add_argument("--in", dest="inputs", required=True,
+                       help="photos to de-identify" if name == "deidentify" else "the method folder deidentify wrote")
+        p.add_argument("--out", required=name == "deidentify", help="the method folder to write" if name ==
+                       "deidentify" else "where the recovered images go (default: <in>/recovered)")
+        p.add_argument("--passphrase-env", help="read the passphrase from this environment variable")
+        p.add_argument("--passphrase-file", help="read the passphrase from the first line of this file")
+        p.add_argument("--passphrase", help=argparse.SUPPRESS)  # refused with a message that does not echo it
+        p.add_argument("--batch", type=int, default=16)
+        if name == "deidentify":
+            p.add_argument("--size", choices=SIZE_POLICIES, default="resize",
+                           help="an image of another size than the model's: resize it (and the output back), or refuse it")
+            p.add_argument("--split", default="", help="of a MeMa root, only this split (e.g. val)")
+            p.add_argument("--convert-color", action="store_true", help="convert grayscale/RGBA/palette images to RGB")
+            p.add_argument("--opaque-names", action="store_true", help="write outputs under random names ...")
+            p.add_argument("--name-map", help="... and the original -> opaque name map to this CSV (required with it)")
+    args = parser.parse_args(argv)
+    try:
+        if args.passphrase is not None:
+            raise InputError("the passphrase is never taken from the command line (ps and the shell history show "
+                             "it); type it at the prompt, or use --passphrase-env VAR or --passphrase-file FILE")
+        if getattr(args, "opaque_names", False) and not args.name_map:
+            raise InputError("--opaque-names needs --name-map FILE (where the original names are kept)")
+        model = Deidentifier.load(args.model)
+        passphrase = passwords.read_passphrase(env=args.passphrase_env, file=args.passphrase_file,
+                                               confirm=args.command == "deidentify" and not (
+                                                   args.passphrase_env or args.passphrase_file))
+        if args.command == "deidentify":
+            result = deidentify_folder(model, args.inputs, args.out, passphrase, batch_size=args.batch,
+                                       split=args.split, size_policy=args.size, convert_color=args.convert_color,
+                                       name_map=args.name_map if args.opaque_names else None)
+            what = f"de-identified {len(result['done'])} images into {result['out'] / 'deid'}"
+            if not model.recovers_from_image:
+                what += f" (with their encrypted features in {result['out'] / 'features'}, needed to recover them)"
+        else:
+            result = recover_folder(model, args.inputs, passphrase, out=args.out, batch_size=args.batch)
+            what = f"recovered {len(result['done'])} images into {result['out']}"
+        skipped = result.get("skipped", [])
+        print(what + (f"; {len(skipped)} already done" if skipped else ""), flush=True)
+        if result["failures"]:
+            print(f"{len(result['failures'])} inputs failed (listed in {result['failures_file']}):", file=sys.stderr)
+            for name, reason in sorted(result["failures"].items()):
+                print(f"  {name}: {reason}", file=sys.stderr)
+            return 3
+        return 0
+    except (InputError, FileExistsError) as e:
+        print(f"deid_jax.deidentify: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
