@@ -218,6 +218,18 @@ class Context:
         """The originals' faces, landmarks, gaze and identity features."""
         return scoring.score_originals(self.originals, self.tools, self.config.batch_size)
 
+    @functools.cached_property
+    def original_predictions(self):
+        """The disease classifier's predictions on the originals (None without a classifier): the
+        yardstick's own accuracy, the row every method's Med-Class is read against."""
+        if self.tools.classifier is None:
+            return None
+        predictions = []
+        for chunk in scoring.chunks(self.originals.items, self.config.batch_size):
+            images = [scoring.load_rgb(o.path) for o in chunk]
+            predictions.append(scoring.disease_predictions(self.tools.classifier, images, self.config.batch_size))
+        return np.concatenate(predictions)
+
     def deid(self, method: Method) -> scoring.OutputScores:
         """The method's de-identified images scored against the originals."""
         return self._output_scores(method, "deid")

@@ -15,6 +15,7 @@ from eval.report.table import Table, number, percent, text
 KEY = "tab3_medical"
 TITLE = "Tab. 3: medical utility (disease accuracy on de-identified images, segmentation)"
 SEGMENTATION_DIR = "segmentation"
+ORIGINAL_ROW = "original (not de-identified)"  # the classifier on the originals: the yardstick's accuracy
 
 
 def build(ctx: Context) -> Table:
@@ -25,6 +26,10 @@ def build(ctx: Context) -> Table:
                   notes=ctx.notes.on(tools.DISEASE_LABELS, tools.CLASSIFIER))
     accuracy_left_out = bool(table.notes)
     truth = ctx.config.medical.segmentation_truth
+    original = disease_accuracy(classifier, ctx.originals, ctx.original_predictions)
+    if original is not None:
+        table.rows.append([ORIGINAL_ROW, "-", original.get("All"), original.get("Top1"),
+                           *[original.get(c) for c in classes], float("nan"), float("nan")])
     for method in ctx.methods:
         accuracy = disease_accuracy(classifier, ctx.originals, ctx.deid(method).predictions)
         dice = jaccard = float("nan")

@@ -284,7 +284,10 @@ def test_reversibility_row_matches_the_recovered_images(fixture):
 
 def test_medical_kappa_and_label_distance_tables_use_the_given_labels(fixture):
     medical = {r["Method"]: r for r in _read_csv(fixture["out"] / "tab3_medical.csv")}
-    assert set(medical) == {"blur", "toy"}
+    assert set(medical) == {"original (not de-identified)", "blur", "toy"}  # the yardstick's own row first
+    assert next(iter(medical)) == "original (not de-identified)"
+    original = medical["original (not de-identified)"]
+    assert original["Rev"] == "-" and original["Dice"] == "" and 0.0 <= float(original["All"]) <= 1.0
     assert float(medical["toy"]["Dice"]) == 1.0 and float(medical["toy"]["Jaccard"]) == 1.0
     assert medical["blur"]["Dice"] == ""
     assert 0.0 <= float(medical["blur"]["All"]) <= 1.0
