@@ -26,8 +26,8 @@ $(ALL_STAMP): pyproject.toml $(CORE_STAMP)
 setup: $(CORE_STAMP)
 setup-all: $(ALL_STAMP)
 
-quickstart: setup
-	$(PY) -m launch.main --config=configs/quickstart.py --workdir=runs/quickstart
+quickstart: setup-all
+	$(PY) -m launch.pipeline --runs=runs/pipeline
 
 test: setup-all
 	$(PY) -m pytest -n 2 --durations=15 tests

@@ -12,7 +12,8 @@ Run:
       --config.gaze.weights=weights/L2CSNet_gaze360.pkl \
       --config.reconstruction.lpips_backbone=weights/alexnet-owt-7be5be79.pth \
       --config.medical.classifier=runs/dinov2_mema
-Without an argument only the reference rows are scored. Every weight left empty is left out of the
+Without an argument only the reference rows are scored. Identity models: the paper's four and an arcface_r18 slot
+for an evaluation-only ArcFace of your own (left out unless its weights are set). Every weight left empty is left out of the
 tables with a note. Not measured on the real MeMa here (the dataset is not available on this machine).
 """
 from pathlib import Path
@@ -20,6 +21,9 @@ from pathlib import Path
 from configs.eval_base import DEFAULT_STRENGTHS, base_config, identity_model, method, reference
 
 PAPER_IDENTITY_MODELS = ("facenet_vggface2", "facenet_casia", "sphereface", "dlib")
+# An ArcFace slot for an evaluation-only model of the user's (offline: configs/identity.py:synth trained
+# with another seed than the de-identifier's loss ArcFace), scored at the recorded faces like the others.
+EXTRA_IDENTITY_MODELS = ("arcface_r18",)
 
 
 def _parse_methods(arg: str) -> dict[str, str]:
@@ -40,6 +44,6 @@ def get_config(arg=None):
         c.methods[name] = method(folder, reversible=(Path(folder) / "recovered").is_dir())
     for name, strength in DEFAULT_STRENGTHS.items():
         c.reference_methods[name] = reference(name, strength)
-    for name in PAPER_IDENTITY_MODELS:
+    for name in PAPER_IDENTITY_MODELS + EXTRA_IDENTITY_MODELS:
         c.identity.models[name] = identity_model()
     return c
