@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from launch.pipeline import run_stages
 
 VARIANTS = ("full", "m1", "m2", "m3", "m4", "recover_image")
 DATA = "data/mema_synth_64_3k"
@@ -69,17 +68,8 @@ def main() -> int:
     args = parser.parse_args()
     env = dict(os.environ)
     env.setdefault("MEMA_PASSPHRASE", "mema-jax benchmark passphrase")
-    for name, command, done in stages(args):
-        if done.exists():
-            print(f"[{name}] cached: {done}")
-            continue
-        print(f"[{name}] {shlex.join(command)}", flush=True)
-        t0 = time.time()
-        result = subprocess.run(command, env=env)
-        if result.returncode not in (0, 3) or not done.exists():
-            print(f"stage {name} failed (exit {result.returncode})", file=sys.stderr)
-            return 1
-        print(f"[{name}] done in {time.time() - t0:.0f} s", flush=True)
+    if not run_stages(stages(args), env):
+        return 1
     print(f"tables: {Path(args.runs) / 'report' / 'tables.md'}")
     return 0
 

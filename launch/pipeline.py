@@ -116,6 +116,23 @@ def write_grid(data: Path, method: Path, out: Path, examples: int = 8) -> Path:
     return out
 
 
+def run_stages(stages, env) -> bool:
+    """Runs each (name, command, done) whose ``done`` path is missing, in order; False at the first
+    that fails.  Exit status 3 (the CLI: some inputs listed in failures.csv) counts as done."""
+    for stage, command, done in stages:
+        if done.exists():
+            print(f"[{stage}] cached: {done}")
+            continue
+        print(f"[{stage}] {shlex.join(command)}", flush=True)
+        t0 = time.time()
+        result = subprocess.run(command, env=env)
+        if result.returncode not in (0, 3) or not done.exists():
+            print(f"pipeline: stage {stage} failed (exit {result.returncode}); rerun to resume from it", file=sys.stderr)
+            return False
+        print(f"[{stage}] done in {time.time() - t0:.0f} s", flush=True)
+    return True
+
+
 def main(argv=None) -> int:
     if argv is None:
         argv = sys.argv[1:]
@@ -145,20 +162,10 @@ def main(argv=None) -> int:
         print(f"pipeline: ${PASSPHRASE_ENV} is not set; using the demonstration passphrase {DEMO_PASSPHRASE!r}")
     env.setdefault("MEMA_WRONG_PASSPHRASE", WRONG_PASSPHRASE)
     t_start = time.time()
-    for stage, command, done in plan(args.preset, runs, args.data):
-        if only and stage not in only:
-            continue
-        if done.exists():
-            print(f"[{stage}] cached: {done}")
-            continue
-        print(f"[{stage}] {shlex.join(command)}", flush=True)
-        t0 = time.time()
-        result = subprocess.run(command, env=env)
-        # the CLI exits 3 when some inputs failed (listed in failures.csv); a stage fails otherwise
-        if result.returncode not in (0, 3) or not done.exists():
-            print(f"pipeline: stage {stage} failed (exit {result.returncode}); rerun to resume from it", file=sys.stderr)
-            return 1
-        print(f"[{stage}] done in {time.time() - t0:.0f} s", flush=True)
+    stages = [(stage, command, done) for stage, command, done in plan(args.preset, runs, args.data)
+              if not only or stage in only]
+    if not run_stages(stages, env):
+        return 1
     print(f"pipeline: finished in {time.time() - t_start:.0f} s")
     for what, path in (("tables", runs / "report" / "tables.md"), ("grid", runs / "grid.png"),
                        ("de-identified", runs / "method" / "deid"), ("recovered", runs / "method" / "recovered"),
