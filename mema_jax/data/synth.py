@@ -513,11 +513,15 @@ def main(argv=None) -> None:
     ap.add_argument("--images-per-identity", type=int, default=5)
     ap.add_argument("--resolution", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--class-weights", default="", help=f"comma-separated weights over {','.join(layout.DISEASES)} "
+                                                         "(default uniform)")
+    ap.add_argument("--female-fraction", type=float, default=0.5)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--overwrite", action="store_true")
     a = ap.parse_args(argv)
+    weights = tuple(float(w) for w in a.class_weights.split(",")) if a.class_weights else None
     spec = SynthSpec(num_images=a.num_images, images_per_identity=a.images_per_identity, resolution=a.resolution,
-                     seed=a.seed)
+                     seed=a.seed, class_weights=weights, female_fraction=a.female_fraction)
     ds = generate(a.out, spec, workers=a.workers, overwrite=a.overwrite)
     print(f"wrote {len(ds)} images to {a.out}")
 

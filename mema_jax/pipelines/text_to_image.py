@@ -221,6 +221,8 @@ class StableDiffusionPipeline:
         if embeds.shape[0] != batch:
             raise ValueError(f"{embeds.shape[0]} image embeddings for {batch} images")
         scales = jnp.broadcast_to(jnp.asarray(ip_scale, jnp.float32).reshape(-1), (batch,))
+        # On the batch axis like the latents: each device projects its own images' embeddings.
+        embeds, scales = self._on_batch_axis(embeds), self._on_batch_axis(scales)
         cross = self.unet.config.cross_attention_dim[0]
         tokens = ip_adapter.image_tokens(self.ip_adapter, embeds, self.ip_num_tokens, cross)
         if use_guidance:

@@ -1,0 +1,245 @@
+r"""MeMa generation offline, end to end (the paper's Steps 1-3, Tab. 1-2) on MeMa-Synth:
+
+  python -m launch.mema_pipeline [--runs runs/mema] [--only STAGE,...] [--images N]
+
+Stages, each a command a user can also run alone (printed before it runs), each cached (a stage
+whose output exists is skipped; a rerun resumes at the first missing one):
+
+  data        the "real patients": MeMa-Synth 64 px, 2000 images, clinic-like disease frequencies
+              (CLINIC_WEIGHTS) and 60% women (data/mema_synth_64_clinic)
+  public      the public faces: 400 healthy MeMa-Synth faces of other people (another seed), and
+              their metadata table (image, age, gender) from their labels (data/mema_synth_64_public)
+  unet        the patient model: the small pixel-space UNet (configs/mema_lora.py:synth) on the
+              real patients' captions "A face, eye with {disease}"
+  encoder     a CLIP vision tower for the IP-Adapter, random weights saved in transformers' format
+              (no CLIP weights offline; a user passes openai/clip-vit-large-patch14's folder)
+  ip_adapter  the IP-Adapter on the frozen UNet (configs/mema_lora.py:synth with mode=ip_adapter)
+  identity    an ArcFace trained on the real patients' identities (configs/identity.py:synth, seed 1):
+              the leakage filter's identity model (dlib finds only some 64 px synthetic faces)
+  pairs       same/different pairs of the real set's validation identities: the thresholds
+  direct      Tab. 1's "Direct sample": simple prompts, no injection (configs/mema_sample.py:synth,direct)
+  injected    real-guided rich-condition sampling with face injection (configs/mema_sample.py:synth)
+  random      Tab. 2's random sampling with injection (configs/mema_sample.py:synth,random)
+  tab1        Tab. 1: identity leakage of direct vs injected (eval bridge, python -m eval.leakage_filter tab1)
+  tab2        Tab. 2: Wasserstein distances of random and real-guided labels to the real set
+  filter      Step 3: the injected set without the images that leak, a new MeMa folder (runs/mema/mema)
+  grid        <runs>/grid.png: a reference face | its injected sample, and direct samples
+
+The JAX stages run on the core install; tab1, tab2 and filter need the eval bridge (make setup-all).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import itertools
+import os
+import sys
+import time
+from pathlib import Path
+
+from launch.pipeline import run_stages
+
+CLINIC_DATA = "data/mema_synth_64_clinic"
+PUBLIC_DATA = "data/mema_synth_64_public"
+# Over layout.DISEASES (Normal, BCC, Conj, Uveitis, Ptosis, SCC, Strab, TAO): an eye clinic's mix,
+# far from uniform, so that Tab. 2 can tell real-guided from random sampling.
+CLINIC_WEIGHTS = (0.30, 0.06, 0.16, 0.05, 0.12, 0.04, 0.17, 0.10)
+STAGES = ("data", "public", "unet", "encoder", "ip_adapter", "identity", "pairs", "direct", "injected", "random",
+          "tab1", "tab2", "filter", "grid")
+UNET_STEPS, IP_STEPS, IDENTITY_STEPS = 200, 100, 100
+
+
+def _py(*args: str) -> list[str]:
+    return [sys.executable, "-m", *args]
+
+
+def plan(runs: Path, images: int, data: str = CLINIC_DATA, public: str = PUBLIC_DATA) -> list[tuple[str, list[str], Path]]:
+    unet, encoder, ip = runs / "unet", runs / "encoder", runs / "ip_adapter"
+    backbone, pairs = runs / "identity" / "backbone.pth", runs / "pairs.csv"
+    weights = ",".join(str(w) for w in CLINIC_WEIGHTS)
+    no_render = "--config.data.generate_if_missing=false"
+    sample_args = [f"--config.model.folder={unet / 'model'}", f"--config.model.image_encoder={encoder}",
+                   f"--config.model.ip_adapter={ip / 'ip_adapter' / 'ip-adapter.safetensors'}",
+                   f"--config.real.root={data}", f"--config.public_faces.folder={public}",
+                   f"--config.sample.num_images={images}"]
+    identity_models = ["--model=dlib", f"--model=arcface_r18={backbone}", f"--pairs={pairs}", "--faces=real-mean",
+                       f"--real={data}", "--real-split=train"]
+    return [
+        ("data", _py("mema_jax.data.synth", f"--out={data}", "--num-images=2000", "--images-per-identity=4",
+                     "--resolution=64", "--seed=0", f"--class-weights={weights}", "--female-fraction=0.6"),
+         Path(data) / "labels.csv"),
+        ("public", _py("mema_jax.data.synth", f"--out={public}", "--num-images=400", "--images-per-identity=1",
+                       "--resolution=64", "--seed=1", "--class-weights=1,0,0,0,0,0,0,0"), Path(public) / "labels.csv"),
+        ("public", _py("launch.mema_pipeline", "public-metadata", f"--folder={public}"), Path(public) / "metadata.csv"),
+        ("unet", _py("launch.main", "--config=configs/mema_lora.py:synth", f"--workdir={unet}",
+                     f"--config.data.root={data}", no_render, f"--config.total_steps={UNET_STEPS}",
+                     "--config.eval_every=0", "--config.sample.every=0"), unet / "model"),
+        ("encoder", _py("launch.mema_pipeline", "image-encoder", f"--out={encoder}"), encoder),
+        ("ip_adapter", _py("launch.main", "--config=configs/mema_lora.py:synth", f"--workdir={ip}",
+                           f"--config.data.root={data}", no_render, "--config.mode=ip_adapter",
+                           f"--config.model.pretrained={unet / 'model'}", f"--config.ip_adapter.image_encoder={encoder}",
+                           f"--config.total_steps={IP_STEPS}", "--config.ema_decay=0", "--config.eval_every=0",
+                           "--config.sample.every=0", "--config.optim.warmup_steps=10"),
+         ip / "ip_adapter" / "ip-adapter.safetensors"),
+        ("identity", _py("launch.main", "--config=configs/identity.py:synth", f"--workdir={runs / 'identity'}",
+                         f"--config.data.root={data}", no_render, f"--config.total_steps={IDENTITY_STEPS}",
+                         "--config.seed=1"), backbone),
+        ("pairs", _py("launch.mema_pipeline", "pairs", f"--data={data}", "--split=val", f"--out={pairs}"), pairs),
+        ("direct", _py("launch.main", "--config=configs/mema_sample.py:synth,direct", f"--workdir={runs / 'direct'}",
+                       *sample_args), runs / "direct" / "summary.json"),
+        ("injected", _py("launch.main", "--config=configs/mema_sample.py:synth", f"--workdir={runs / 'injected'}",
+                         *sample_args), runs / "injected" / "summary.json"),
+        ("random", _py("launch.main", "--config=configs/mema_sample.py:synth,random", f"--workdir={runs / 'random'}",
+                       *sample_args), runs / "random" / "summary.json"),
+        ("tab1", _py("eval.leakage_filter", "tab1", f"--row=Direct sample={runs / 'direct'}",
+                     f"--row=Face injection={runs / 'injected'}", *identity_models, f"--out={runs / 'tab1'}"),
+         runs / "tab1" / "tab1_leakage.md"),
+        ("tab2", _py("eval.report.tab2_label_distance", f"--real={data}", "--real-split=train",
+                     f"--row=Random sampling={runs / 'random'}", f"--row=Real-guided sampling={runs / 'injected'}",
+                     f"--out={runs / 'tab2'}"), runs / "tab2" / "tab2_wasserstein.md"),
+        ("filter", _py("eval.leakage_filter", "filter", f"--generated={runs / 'injected'}", *identity_models,
+                       f"--out={runs / 'mema'}"), runs / "mema"),
+        ("grid", _py("launch.mema_pipeline", "grid", f"--runs={runs}", f"--public={public}", f"--out={runs / 'grid.png'}"),
+         runs / "grid.png"),
+    ]
+
+
+# ----------------------------------------------------------------------------- helper commands
+
+
+def write_public_metadata(folder: Path, out: Path) -> Path:
+    """``image,age,gender`` of a MeMa folder's images, from its labels (MeMa-Synth knows them)."""
+    from mema_jax.data import layout
+    from mema_jax.fileio import atomic_write_bytes
+
+    if out.exists():
+        raise FileExistsError(f"{out}: exists; outputs are never overwritten")
+    records = layout.read_dataset(folder, verify_images=False).records
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["image", "age", "gender"])
+    writer.writerows((r.image, r.age, r.gender) for r in records if r.age is not None and r.gender)
+    atomic_write_bytes(out, buf.getvalue().encode())
+    return out
+
+
+def write_image_encoder(out: Path, image_size: int = 64, seed: int = 0) -> Path:
+    """A small CLIP vision tower with random weights, in transformers' CLIPVisionModelWithProjection format."""
+    import jax
+    import jax.numpy as jnp
+
+    from mema_jax.fileio import atomic_folder
+    from mema_jax.models.clip import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from mema_jax.models.convert_clip import save_clip_vision
+
+    module = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                            num_attention_heads=4, image_size=image_size, patch_size=8,
+                                                            projection_dim=64))
+    boxed = module.init(jax.random.key(seed), jnp.zeros((1, image_size, image_size, 3)))["params"]
+    params = jax.tree.map(lambda b: b.value, boxed, is_leaf=lambda x: hasattr(x, "names"))
+    with atomic_folder(out) as tmp:
+        save_clip_vision(tmp, module, params)
+    return out
+
+
+def write_pairs(data: Path, split: str, out: Path, per_kind: int = 480, seed: int = 0) -> Path:
+    """``file_x,file_y,Decision`` pairs (absolute paths) of a MeMa folder's identities in ``split``:
+    ``per_kind`` same-person and as many different-person pairs."""
+    import numpy as np
+
+    from mema_jax.data import layout
+    from mema_jax.fileio import atomic_write_bytes
+
+    if out.exists():
+        raise FileExistsError(f"{out}: exists; outputs are never overwritten")
+    records = [r for r in layout.read_dataset(data, verify_images=False).records if r.split == split and r.identity]
+    by_id: dict[str, list] = {}
+    for r in records:
+        by_id.setdefault(r.identity, []).append(str((Path(data) / r.image).resolve()))
+    rng = np.random.default_rng(seed)
+    same = [p for imgs in by_id.values() for p in itertools.combinations(sorted(imgs), 2)]
+    ids = sorted(by_id)
+    if not same or len(ids) < 2:
+        raise ValueError(f"{data}: split {split!r} has too few identities with two images for pairs")
+    same = [same[i] for i in rng.permutation(len(same))[:per_kind]]
+    different = []
+    while len(different) < len(same):
+        a, b = rng.choice(len(ids), 2, replace=False)
+        different.append((by_id[ids[a]][int(rng.integers(len(by_id[ids[a]])))],
+                          by_id[ids[b]][int(rng.integers(len(by_id[ids[b]])))]))
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["file_x", "file_y", "Decision"])
+    writer.writerows([(x, y, "Yes") for x, y in same] + [(x, y, "No") for x, y in different])
+    atomic_write_bytes(out, buf.getvalue().encode())
+    return out
+
+
+def write_grid(runs: Path, public: Path, out: Path, examples: int = 8) -> Path:
+    """Columns: reference face | injected sample (same index) | direct sample; one row per image."""
+    import numpy as np
+    from PIL import Image
+
+    from eval.grid import example_grid
+    from mema_jax.fileio import atomic_file
+    from mema_jax.sampling.sampler import read_generation
+
+    rows_csv = read_generation(runs / "injected")[:examples]
+    rows = []
+    for r in rows_csv:
+        load = lambda p: np.asarray(Image.open(p).convert("RGB").resize((64, 64)))
+        rows.append([load(public / r["reference"]), load(runs / "injected" / "images" / f"{r['image_id']}.png"),
+                     load(runs / "direct" / "images" / f"{r['image_id']}.png")])
+    grid = example_grid(rows, ("reference face", "injected sample", "direct sample"), cell_height=128)
+    with atomic_file(out) as tmp:
+        grid.save(tmp, format="PNG")
+    return out
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    helpers = {"public-metadata", "image-encoder", "pairs", "grid"}
+    if argv[:1] and argv[0] in helpers:
+        p = argparse.ArgumentParser(prog=f"python -m launch.mema_pipeline {argv[0]}")
+        p.add_argument("--out", default="")
+        p.add_argument("--folder", default="")
+        p.add_argument("--data", default="")
+        p.add_argument("--split", default="val")
+        p.add_argument("--runs", default="")
+        p.add_argument("--public", default="")
+        a = p.parse_args(argv[1:])
+        if argv[0] == "public-metadata":
+            print(write_public_metadata(Path(a.folder), Path(a.out or Path(a.folder) / "metadata.csv")))
+        elif argv[0] == "image-encoder":
+            print(write_image_encoder(Path(a.out)))
+        elif argv[0] == "pairs":
+            print(write_pairs(Path(a.data), a.split, Path(a.out)))
+        else:
+            print(write_grid(Path(a.runs), Path(a.public), Path(a.out)))
+        return 0
+    parser = argparse.ArgumentParser(prog="python -m launch.mema_pipeline", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--runs", default="runs/mema", help="where every stage writes")
+    parser.add_argument("--images", type=int, default=128, help="images per sampled set")
+    parser.add_argument("--only", default="", help=f"comma-separated stages to run (of {', '.join(STAGES)})")
+    args = parser.parse_args(argv)
+    only = [s for s in args.only.split(",") if s]
+    unknown = sorted(set(only) - set(STAGES))
+    if unknown:
+        parser.error(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
+    runs = Path(args.runs)
+    t0 = time.time()
+    stages = [s for s in plan(runs, args.images) if not only or s[0] in only]
+    if not run_stages(stages, dict(os.environ)):
+        return 1
+    print(f"mema pipeline: finished in {time.time() - t0:.0f} s")
+    for what, path in (("Tab. 1", runs / "tab1" / "tab1_leakage.md"), ("Tab. 2", runs / "tab2" / "tab2_wasserstein.md"),
+                       ("filtered MeMa", runs / "mema"), ("grid", runs / "grid.png")):
+        if path.exists():
+            print(f"  {what}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
