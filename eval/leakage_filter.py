@@ -67,6 +67,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import itertools
 import io
 import json
 import math
@@ -98,6 +99,9 @@ SUMMARY_FILE = "summary.json"
 TAB1_KEY = "tab1_leakage"
 UNION_RULE = ("an image is flagged when any identity model's nearest real image is within that model's threshold "
               "(the union: a leak one model sees is a leak)")
+
+
+REAL_PAIRS = "real:"  # --pairs real:SPLIT: pairs of the real folder's SPLIT (held out of the gallery)
 
 
 class LeakageFilterError(InputError, ValueError):
@@ -345,6 +349,12 @@ def check_thresholds(names: Sequence[str], given: Mapping[str, float], pairs) ->
     if missing and pairs is None:
         raise LeakageFilterError(f"identity model {missing[0]} has no decision threshold: give --threshold "
                                  f"{missing[0]}=T or --pairs PAIRS_CSV (file_x,file_y,Decision) to choose one")
+    if missing and str(pairs).startswith(REAL_PAIRS):
+        split = str(pairs)[len(REAL_PAIRS):]
+        if split not in layout.SPLITS:
+            raise LeakageFilterError(f"--pairs {pairs}: unknown split {split!r}; expected {REAL_PAIRS}one of "
+                                     f"{list(layout.SPLITS)}")
+        return
     if missing and not Path(pairs).is_file():
         raise LeakageFilterError(f"--pairs {pairs}: file does not exist (needed for the threshold of "
                                  f"{', '.join(missing)})")
@@ -449,9 +459,59 @@ def _prepare(models, real, real_split, thresholds, pairs, faces):
     return names, given, real_set, mean
 
 
+def split_pair_thresholds(models: Mapping[str, IdentityModel], images: ImageSet, faces: str = "detect", *,
+                          per_kind: int = 480, seed: int = 0) -> dict[str, Threshold]:
+    """Each model's best threshold on same/different-person pairs of ``images`` (a real folder's
+    held-out split, e.g. ``--pairs real:val``): ``per_kind`` pairs of each kind drawn with ``seed``,
+    embedded as the gallery is (their recorded faces with ``--faces real-mean``)."""
+    from eval.identity.metrics import id_distance, verification_accuracy
+
+    ids = images.identities
+    by_id: dict[str, list[int]] = {}
+    for i, identity in enumerate(ids):
+        if identity:
+            by_id.setdefault(identity, []).append(i)
+    same = [(a, b) for rows in by_id.values() for a, b in itertools.combinations(rows, 2)]
+    people = sorted(by_id)
+    if not same or len(people) < 2:
+        raise LeakageFilterError(f"--pairs {REAL_PAIRS}{images.split}: {images.root / layout.LABELS_FILE} has too few "
+                                 "identities with two images in that split to make pairs")
+    rng = np.random.default_rng(seed)
+    same = [same[i] for i in rng.permutation(len(same))[:per_kind]]
+    different = []
+    while len(different) < len(same):
+        a, b = rng.choice(len(people), 2, replace=False)
+        different.append((by_id[people[a]][int(rng.integers(len(by_id[people[a]])))],
+                          by_id[people[b]][int(rng.integers(len(by_id[people[b]])))]))
+    pairs = np.asarray(same + different)
+    label = np.r_[np.ones(len(same), bool), np.zeros(len(different), bool)]
+    features = embed_set(models, images, "recorded" if faces == "real-mean" else "detect")
+    out = {}
+    for name, feats in features.items():
+        distances = id_distance(feats[pairs[:, 0]], feats[pairs[:, 1]]).per_pair
+        ok = ~np.isnan(distances)
+        if ok.sum() < 20:
+            raise LeakageFilterError(f"--pairs {REAL_PAIRS}{images.split}, identity model {name}: only {int(ok.sum())} "
+                                     "pairs with a face on both sides")
+        value = best_threshold(distances[ok], label[ok])
+        accuracy = verification_accuracy(distances[ok], label[ok], shuffle=True, seed=seed).accuracy
+        out[name] = Threshold(value, "pairs", (
+            f"{name}: {value:.4f}, the threshold that best separates {int(ok.sum())} same/different pairs of the "
+            f"{images.split} split of {images.root} ({len(people)} people the gallery does not hold, faces "
+            f"{'recorded' if faces == 'real-mean' else 'detected'}; chosen on all pairs; 10-fold verification "
+            f"accuracy {100 * accuracy:.2f}%)"))
+    return out
+
+
 def _finish_prepare(models, detector, given, pairs, pairs_max_side, real_set, faces):
     loaded = _loaded(models, detector)
-    resolved = resolve_thresholds(loaded, given, pairs, pairs_max_side)
+    if str(pairs).startswith(REAL_PAIRS) and any(n not in given for n in loaded):
+        held_out = read_set(real_set.root, "real", str(pairs)[len(REAL_PAIRS):])
+        chosen = split_pair_thresholds({n: m for n, m in loaded.items() if n not in given}, held_out, faces)
+        resolved = {n: Threshold(float(given[n]), "given", f"{n}: {float(given[n]):.4f} (given)") if n in given
+                    else chosen[n] for n in loaded}
+    else:
+        resolved = resolve_thresholds(loaded, given, pairs, pairs_max_side)
     gallery = embed_gallery(loaded, real_set, faces)
     return loaded, resolved, gallery
 

@@ -1,6 +1,6 @@
 r"""MeMa generation offline, end to end (the paper's Steps 1-3, Tab. 1-2) on MeMa-Synth:
 
-  python -m launch.mema_pipeline [--runs runs/mema] [--only STAGE,...] [--images N]
+  python -m launch.mema_pipeline [--preset quick|tiny] [--runs runs/mema] [--only STAGE,...] [--images N]
 
 Stages, each a command a user can also run alone (printed before it runs), each cached (a stage
 whose output exists is skipped; a rerun resumes at the first missing one):
@@ -16,11 +16,11 @@ whose output exists is skipped; a rerun resumes at the first missing one):
   ip_adapter  the IP-Adapter on the frozen UNet (configs/mema_lora.py:synth with mode=ip_adapter)
   identity    an ArcFace trained on the real patients' identities (configs/identity.py:synth, seed 1):
               the leakage filter's identity model (dlib finds only some 64 px synthetic faces)
-  pairs       same/different pairs of the real set's validation identities: the thresholds
   direct      Tab. 1's "Direct sample": simple prompts, no injection (configs/mema_sample.py:synth,direct)
   injected    real-guided rich-condition sampling with face injection (configs/mema_sample.py:synth)
   random      Tab. 2's random sampling with injection (configs/mema_sample.py:synth,random)
-  tab1        Tab. 1: identity leakage of direct vs injected (eval bridge, python -m eval.leakage_filter tab1)
+  tab1        Tab. 1: identity leakage of direct vs injected (eval bridge, python -m eval.leakage_filter tab1;
+              thresholds chosen on same/different pairs of the real set's validation people, --pairs real:val)
   tab2        Tab. 2: Wasserstein distances of random and real-guided labels to the real set
   filter      Step 3: the injected set without the images that leak, a new MeMa folder (runs/mema/mema)
   grid        <runs>/grid.png: a reference face | its injected sample, and direct samples
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import itertools
 import os
 import sys
 import time
@@ -40,57 +39,79 @@ from pathlib import Path
 
 from launch.pipeline import run_stages
 
-CLINIC_DATA = "data/mema_synth_64_clinic"
-PUBLIC_DATA = "data/mema_synth_64_public"
 # Over layout.DISEASES (Normal, BCC, Conj, Uveitis, Ptosis, SCC, Strab, TAO): an eye clinic's mix,
 # far from uniform, so that Tab. 2 can tell real-guided from random sampling.
 CLINIC_WEIGHTS = (0.30, 0.06, 0.16, 0.05, 0.12, 0.04, 0.17, 0.10)
-STAGES = ("data", "public", "unet", "encoder", "ip_adapter", "identity", "pairs", "direct", "injected", "random",
+STAGES = ("data", "public", "unet", "encoder", "ip_adapter", "identity", "direct", "injected", "random",
           "tab1", "tab2", "filter", "grid")
-UNET_STEPS, IP_STEPS, IDENTITY_STEPS = 200, 100, 100
+# x0 ("sample") prediction, no min-SNR weighting, no EMA for the 200-step patient model: measured
+# here, :synth's v-prediction UNet at 200-600 steps still sampled high-frequency noise with DDIM, while
+# x0-prediction at 150 steps sampled smooth face-coloured shapes (its target is the image itself, the
+# easiest thing for a barely trained UNet to approximate; EMA 0.99 would average in the first, noisy
+# steps of so short a run).  The IP-Adapter trains on that frozen UNet, so it uses the same target.
+SAMPLE_PREDICTION = ("--config.noise.prediction=sample", "--config.noise.min_snr_gamma=0", "--config.ema_decay=0")
+# quick: the README's offline run (~15 min on 2 CPU cores, measured there); tiny: its test (seconds a stage).
+PRESETS = {
+    "quick": {"data": "data/mema_synth_64_clinic", "public": "data/mema_synth_64_public", "resolution": 64,
+              "real_images": 2000, "public_images": 400, "images": 128,
+              "unet": ("configs/mema_lora.py:synth", ("--config.total_steps=200", *SAMPLE_PREDICTION)),
+              "ip_adapter": ("configs/mema_lora.py:synth", ("--config.total_steps=100", "--config.optim.warmup_steps=10",
+                                                            *SAMPLE_PREDICTION)),
+              "identity": ("configs/identity.py:synth", ("--config.total_steps=100",)),
+              "sample": "synth", "sample_args": ()},
+    "tiny": {"data": "data/mema_synth_32_clinic_tiny", "public": "data/mema_synth_32_public_tiny", "resolution": 32,
+             "real_images": 240, "public_images": 24, "images": 8,
+             "unet": ("configs/mema_lora.py:tiny", ("--config.mode=full", "--config.eval_every=0")),
+             "ip_adapter": ("configs/mema_lora.py:tiny", ("--config.total_steps=4", "--config.optim.warmup_steps=1")),
+             "identity": ("configs/identity.py:tiny", ()),
+             "sample": "tiny", "sample_args": ("--config.sample.steps=3",)},
+}
 
 
 def _py(*args: str) -> list[str]:
     return [sys.executable, "-m", *args]
 
 
-def plan(runs: Path, images: int, data: str = CLINIC_DATA, public: str = PUBLIC_DATA) -> list[tuple[str, list[str], Path]]:
+def plan(runs: Path, preset: str = "quick", images: int = 0, data_dir: str = "") -> list[tuple[str, list[str], Path]]:
+    """(stage, command, the output whose existence means the stage is done), in order."""
+    p = PRESETS[preset]
+    data, public, res = p["data"], p["public"], p["resolution"]
+    if data_dir:  # the two rendered folders elsewhere than data/
+        data, public = (str(Path(data_dir) / Path(d).name) for d in (data, public))
     unet, encoder, ip = runs / "unet", runs / "encoder", runs / "ip_adapter"
-    backbone, pairs = runs / "identity" / "backbone.pth", runs / "pairs.csv"
+    backbone = runs / "identity" / "backbone.pth"
     weights = ",".join(str(w) for w in CLINIC_WEIGHTS)
     no_render = "--config.data.generate_if_missing=false"
     sample_args = [f"--config.model.folder={unet / 'model'}", f"--config.model.image_encoder={encoder}",
                    f"--config.model.ip_adapter={ip / 'ip_adapter' / 'ip-adapter.safetensors'}",
                    f"--config.real.root={data}", f"--config.public_faces.folder={public}",
-                   f"--config.sample.num_images={images}"]
-    identity_models = ["--model=dlib", f"--model=arcface_r18={backbone}", f"--pairs={pairs}", "--faces=real-mean",
+                   f"--config.sample.num_images={images or p['images']}", *p["sample_args"]]
+    identity_models = ["--model=dlib", f"--model=arcface_r18={backbone}", "--pairs=real:val", "--faces=real-mean",
                        f"--real={data}", "--real-split=train"]
+    sample = p["sample"]
     return [
-        ("data", _py("mema_jax.data.synth", f"--out={data}", "--num-images=2000", "--images-per-identity=4",
-                     "--resolution=64", "--seed=0", f"--class-weights={weights}", "--female-fraction=0.6"),
-         Path(data) / "labels.csv"),
-        ("public", _py("mema_jax.data.synth", f"--out={public}", "--num-images=400", "--images-per-identity=1",
-                       "--resolution=64", "--seed=1", "--class-weights=1,0,0,0,0,0,0,0"), Path(public) / "labels.csv"),
+        ("data", _py("mema_jax.data.synth", f"--out={data}", f"--num-images={p['real_images']}",
+                     "--images-per-identity=4", f"--resolution={res}", "--seed=0", f"--class-weights={weights}",
+                     "--female-fraction=0.6", "--workers=2"), Path(data) / "labels.csv"),
+        ("public", _py("mema_jax.data.synth", f"--out={public}", f"--num-images={p['public_images']}",
+                       "--images-per-identity=1", f"--resolution={res}", "--seed=1", "--class-weights=1,0,0,0,0,0,0,0",
+                       "--workers=1"), Path(public) / "labels.csv"),
         ("public", _py("launch.mema_pipeline", "public-metadata", f"--folder={public}"), Path(public) / "metadata.csv"),
-        ("unet", _py("launch.main", "--config=configs/mema_lora.py:synth", f"--workdir={unet}",
-                     f"--config.data.root={data}", no_render, f"--config.total_steps={UNET_STEPS}",
-                     "--config.eval_every=0", "--config.sample.every=0"), unet / "model"),
-        ("encoder", _py("launch.mema_pipeline", "image-encoder", f"--out={encoder}"), encoder),
-        ("ip_adapter", _py("launch.main", "--config=configs/mema_lora.py:synth", f"--workdir={ip}",
+        ("unet", _py("launch.main", f"--config={p['unet'][0]}", f"--workdir={unet}", f"--config.data.root={data}",
+                     no_render, "--config.eval_every=0", "--config.sample.every=0", *p["unet"][1]), unet / "model"),
+        ("encoder", _py("launch.mema_pipeline", "image-encoder", f"--out={encoder}", f"--image-size={res}"), encoder),
+        ("ip_adapter", _py("launch.main", f"--config={p['ip_adapter'][0]}", f"--workdir={ip}",
                            f"--config.data.root={data}", no_render, "--config.mode=ip_adapter",
                            f"--config.model.pretrained={unet / 'model'}", f"--config.ip_adapter.image_encoder={encoder}",
-                           f"--config.total_steps={IP_STEPS}", "--config.ema_decay=0", "--config.eval_every=0",
-                           "--config.sample.every=0", "--config.optim.warmup_steps=10"),
-         ip / "ip_adapter" / "ip-adapter.safetensors"),
-        ("identity", _py("launch.main", "--config=configs/identity.py:synth", f"--workdir={runs / 'identity'}",
-                         f"--config.data.root={data}", no_render, f"--config.total_steps={IDENTITY_STEPS}",
-                         "--config.seed=1"), backbone),
-        ("pairs", _py("launch.mema_pipeline", "pairs", f"--data={data}", "--split=val", f"--out={pairs}"), pairs),
-        ("direct", _py("launch.main", "--config=configs/mema_sample.py:synth,direct", f"--workdir={runs / 'direct'}",
+                           "--config.ema_decay=0", "--config.eval_every=0", "--config.sample.every=0",
+                           *p["ip_adapter"][1]), ip / "ip_adapter" / "ip-adapter.safetensors"),
+        ("identity", _py("launch.main", f"--config={p['identity'][0]}", f"--workdir={runs / 'identity'}",
+                         f"--config.data.root={data}", no_render, "--config.seed=1", *p["identity"][1]), backbone),
+        ("direct", _py("launch.main", f"--config=configs/mema_sample.py:{sample},direct", f"--workdir={runs / 'direct'}",
                        *sample_args), runs / "direct" / "summary.json"),
-        ("injected", _py("launch.main", "--config=configs/mema_sample.py:synth", f"--workdir={runs / 'injected'}",
+        ("injected", _py("launch.main", f"--config=configs/mema_sample.py:{sample}", f"--workdir={runs / 'injected'}",
                          *sample_args), runs / "injected" / "summary.json"),
-        ("random", _py("launch.main", "--config=configs/mema_sample.py:synth,random", f"--workdir={runs / 'random'}",
+        ("random", _py("launch.main", f"--config=configs/mema_sample.py:{sample},random", f"--workdir={runs / 'random'}",
                        *sample_args), runs / "random" / "summary.json"),
         ("tab1", _py("eval.leakage_filter", "tab1", f"--row=Direct sample={runs / 'direct'}",
                      f"--row=Face injection={runs / 'injected'}", *identity_models, f"--out={runs / 'tab1'}"),
@@ -143,39 +164,6 @@ def write_image_encoder(out: Path, image_size: int = 64, seed: int = 0) -> Path:
     return out
 
 
-def write_pairs(data: Path, split: str, out: Path, per_kind: int = 480, seed: int = 0) -> Path:
-    """``file_x,file_y,Decision`` pairs (absolute paths) of a MeMa folder's identities in ``split``:
-    ``per_kind`` same-person and as many different-person pairs."""
-    import numpy as np
-
-    from mema_jax.data import layout
-    from mema_jax.fileio import atomic_write_bytes
-
-    if out.exists():
-        raise FileExistsError(f"{out}: exists; outputs are never overwritten")
-    records = [r for r in layout.read_dataset(data, verify_images=False).records if r.split == split and r.identity]
-    by_id: dict[str, list] = {}
-    for r in records:
-        by_id.setdefault(r.identity, []).append(str((Path(data) / r.image).resolve()))
-    rng = np.random.default_rng(seed)
-    same = [p for imgs in by_id.values() for p in itertools.combinations(sorted(imgs), 2)]
-    ids = sorted(by_id)
-    if not same or len(ids) < 2:
-        raise ValueError(f"{data}: split {split!r} has too few identities with two images for pairs")
-    same = [same[i] for i in rng.permutation(len(same))[:per_kind]]
-    different = []
-    while len(different) < len(same):
-        a, b = rng.choice(len(ids), 2, replace=False)
-        different.append((by_id[ids[a]][int(rng.integers(len(by_id[ids[a]])))],
-                          by_id[ids[b]][int(rng.integers(len(by_id[ids[b]])))]))
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["file_x", "file_y", "Decision"])
-    writer.writerows([(x, y, "Yes") for x, y in same] + [(x, y, "No") for x, y in different])
-    atomic_write_bytes(out, buf.getvalue().encode())
-    return out
-
-
 def write_grid(runs: Path, public: Path, out: Path, examples: int = 8) -> Path:
     """Columns: reference face | injected sample (same index) | direct sample; one row per image."""
     import numpy as np
@@ -199,29 +187,28 @@ def write_grid(runs: Path, public: Path, out: Path, examples: int = 8) -> Path:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    helpers = {"public-metadata", "image-encoder", "pairs", "grid"}
+    helpers = {"public-metadata", "image-encoder", "grid"}
     if argv[:1] and argv[0] in helpers:
         p = argparse.ArgumentParser(prog=f"python -m launch.mema_pipeline {argv[0]}")
         p.add_argument("--out", default="")
         p.add_argument("--folder", default="")
-        p.add_argument("--data", default="")
-        p.add_argument("--split", default="val")
         p.add_argument("--runs", default="")
         p.add_argument("--public", default="")
+        p.add_argument("--image-size", type=int, default=64)
         a = p.parse_args(argv[1:])
         if argv[0] == "public-metadata":
             print(write_public_metadata(Path(a.folder), Path(a.out or Path(a.folder) / "metadata.csv")))
         elif argv[0] == "image-encoder":
-            print(write_image_encoder(Path(a.out)))
-        elif argv[0] == "pairs":
-            print(write_pairs(Path(a.data), a.split, Path(a.out)))
+            print(write_image_encoder(Path(a.out), a.image_size))
         else:
             print(write_grid(Path(a.runs), Path(a.public), Path(a.out)))
         return 0
     parser = argparse.ArgumentParser(prog="python -m launch.mema_pipeline", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--runs", default="runs/mema", help="where every stage writes")
-    parser.add_argument("--images", type=int, default=128, help="images per sampled set")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument("--images", type=int, default=0, help="images per sampled set (default: the preset's)")
+    parser.add_argument("--data-dir", default="", help="render the two MeMa-Synth folders here (default: data/)")
     parser.add_argument("--only", default="", help=f"comma-separated stages to run (of {', '.join(STAGES)})")
     args = parser.parse_args(argv)
     only = [s for s in args.only.split(",") if s]
@@ -230,7 +217,7 @@ def main(argv=None) -> int:
         parser.error(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
     runs = Path(args.runs)
     t0 = time.time()
-    stages = [s for s in plan(runs, args.images) if not only or s[0] in only]
+    stages = [s for s in plan(runs, args.preset, args.images, args.data_dir) if not only or s[0] in only]
     if not run_stages(stages, dict(os.environ)):
         return 1
     print(f"mema pipeline: finished in {time.time() - t0:.0f} s")

@@ -95,3 +95,40 @@ def test_label_distribution_distances_skip_unknown_age_and_gender():
 def test_label_distribution_distances_need_some_known_ages():
     with pytest.raises(ValueError, match="age"):
         label_distribution_distances([_record(0, "BCC", None, "male")], [_record(1, "BCC", 30, "male")])
+
+
+def test_tab2_command_writes_generated_sets_against_the_real_split(tmp_path, capsys):
+    """python -m eval.report.tab2_label_distance: one row per generated folder, against one split of
+    the real folder; values equal label_distribution_distances on the same records."""
+    from eval.report.tab2_label_distance import main
+    from mema_jax.data import layout
+
+    def folder(name, rows):
+        root = tmp_path / name
+        (root / "images").mkdir(parents=True)
+        records = []
+        for i, (disease, age, gender, split) in enumerate(rows):
+            (root / "images" / f"{i}.png").write_bytes(b"")
+            records.append(Record(str(i), f"images/{i}.png", disease, "", age, gender, split, "", ""))
+        layout.write_labels(root, records)
+        return root, records
+
+    real, real_records = folder("real", [("Normal", 30, "female", "train"), ("BCC", 60, "male", "train"),
+                                         ("TAO", 90, "male", "val")])
+    close, close_records = folder("close", [("Normal", 31, "female", "train"), ("BCC", 59, "male", "train")])
+    far, far_records = folder("far", [("TAO", 80, "female", "train"), ("TAO", 80, "female", "train")])
+    out = tmp_path / "tables"
+    assert main([f"--real={real}", "--real-split=train", f"--row=close={close}", f"--row=far={far}", f"--out={out}"]) == 0
+    lines = (out / "tab2_wasserstein.csv").read_text().splitlines()
+    assert lines[0] == "Rows,Disease,Age,Gender"
+    train = real_records[:2]
+    for line, records in zip(lines[1:], (close_records, far_records)):
+        name, *values = line.split(",")
+        want = label_distribution_distances(records, train, age_scale=100.0)
+        assert [float(v) for v in values] == pytest.approx([want["Disease"], want["Age"], want["Gender"]], abs=1e-12)
+    assert lines[1].startswith("close,0.0,") and float(lines[2].split(",")[1]) == 1.0
+    assert "| far |" in (out / "tab2_wasserstein.md").read_text()
+    capsys.readouterr()
+    no_ages, _ = folder("no_ages", [("Normal", None, "female", "train")])
+    assert main([f"--real={real}", f"--row=x={no_ages}", f"--out={tmp_path / 'o2'}"]) == 1
+    assert "no_ages/labels.csv: no record has a known age" in capsys.readouterr().err

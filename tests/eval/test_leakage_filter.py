@@ -460,3 +460,33 @@ def test_the_union_rule_and_faceless_policy_over_several_models(folders):
     assert result.kept().tolist() == [False, False, False, True]           # faceless for one model: not kept
     assert result.kept(keep_faceless=True).tolist() == [False, False, True, True]
     assert result.percent("arcface_r50") == 25 and result.percent("sphereface") == pytest.approx(100 / 3)
+
+
+def test_thresholds_chosen_on_the_real_folders_held_out_split(tmp_path, dlib_model, capsys):
+    """--pairs real:val: same/different pairs of the val split's people (not in the gallery), embedded at
+    their recorded faces as the gallery is; the chosen threshold separates them (dlib, real photos)."""
+    from eval.leakage_filter import split_pair_thresholds
+
+    finder = DlibFaceFinder(EYES_NOSE_MOUTH5, "hog")
+    records, faces = [], []
+    for k, (person, index) in enumerate((p, i) for p in ("celeba_3", "celeba_4", "celeba_1") for i in range(4)):
+        image_id = f"{person}_{index}"
+        image = photo(person, index)
+        layout.write_png(tmp_path / "images" / f"{image_id}.png", image)
+        face = finder(image)
+        faces.append(layout.FaceRecord(image_id, face.box, tuple(map(tuple, face.landmarks))))
+        records.append(dataclasses.replace(record(image_id, f"images/{image_id}.png", person, k), split="val"))
+    layout.write_labels(tmp_path, records)
+    layout.write_faces(tmp_path, faces)
+    chosen = split_pair_thresholds({"dlib": dlib_model}, read_set(tmp_path, "real", "val"), "real-mean", per_kind=18)
+    features = embed_set({"dlib": dlib_model}, read_set(tmp_path, "real", "val"), "recorded")["dlib"]
+    ids = [r.identity for r in records]
+    d = np.linalg.norm(features[:, None] - features[None], axis=-1)
+    same = [d[i, j] for i in range(12) for j in range(i + 1, 12) if ids[i] == ids[j]]
+    other = [d[i, j] for i in range(12) for j in range(i + 1, 12) if ids[i] != ids[j]]
+    assert max(same) < min(other)  # these photos separate: the best threshold lies between
+    assert max(same) <= chosen["dlib"].value < min(other)
+    assert "18 same/different pairs" not in chosen["dlib"].how and "36 same/different pairs" in chosen["dlib"].how
+    error = run_main(["tab1", "--row=a=x", f"--real={tmp_path}", "--model=dlib", "--pairs=real:tset",
+                      f"--out={tmp_path.parent / (tmp_path.name + '_t')}"], capsys)
+    assert "--pairs real:tset: unknown split 'tset'" in error

@@ -1,0 +1,48 @@
+"""The offline MeMa generation run (``python -m launch.mema_pipeline``) at its tiny preset: every
+stage runs as a user would run it, Tab. 1 and Tab. 2 are written, the filtered folder is a MeMa
+folder of the injected samples that passed, and a second run is all cached."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from mema_jax.data import layout
+
+pytestmark = pytest.mark.slow
+
+
+def mema_pipeline(runs, data_dir):
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    result = subprocess.run([sys.executable, "-m", "launch.mema_pipeline", "--preset=tiny", f"--runs={runs}",
+                             f"--data-dir={data_dir}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=2400)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result.stdout
+
+
+def test_every_stage_runs_writes_tab1_tab2_and_the_filtered_folder(tmp_path):
+    runs, data = tmp_path / "runs", tmp_path / "data"
+    first = mema_pipeline(runs, data)
+    tab1 = (runs / "tab1" / "tab1_leakage.csv").read_text().splitlines()
+    assert tab1[0] == "Row,dlib,arcface_r18,Average"
+    assert [line.split(",")[0] for line in tab1[1:]] == ["Direct sample", "Face injection"]
+    with open(runs / "tab2" / "tab2_wasserstein.csv", newline="") as f:
+        tab2 = {row["Rows"]: row for row in csv.DictReader(f)}
+    assert set(tab2) == {"Random sampling", "Real-guided sampling"}
+    assert all(0 <= float(v) <= 1 for row in tab2.values() for k, v in row.items() if k != "Rows")
+    injected = layout.read_dataset(runs / "injected")
+    assert len(injected) == 8 and all(r.age is not None for r in injected.records)
+    direct = layout.read_dataset(runs / "direct")
+    assert all(r.age is None and r.severity == "" for r in direct.records)
+    with open(runs / "mema" / "leakage.csv", newline="") as f:
+        decisions = {row["image_id"]: row for row in csv.DictReader(f)}
+    assert set(decisions) == {r.image_id for r in injected.records}
+    kept = sorted((runs / "mema" / "images").glob("*.png"))
+    for path in kept:
+        assert path.read_bytes() == (runs / "injected" / "images" / path.name).read_bytes()
+    assert (runs / "grid.png").is_file() and "Tab. 1:" in first
+    second = mema_pipeline(runs, data)
+    assert second.count("cached:") == 14 and "done in" not in second.replace("finished in", "")
