@@ -3,6 +3,15 @@ and forward+backward (gradients w.r.t. all parameters of a mean-square loss).
 
     python benchmarks/bench_unet.py --size cpu-small --precision fp32
     python benchmarks/bench_unet.py --size gpu-sd15 --precision bf16
+    python benchmarks/bench_unet.py --size cpu-sd15 --conv-impl xla      # JAX convs as lax.conv only
+    python benchmarks/bench_unet.py --conv-shapes                        # per-shape conv table
+
+``--conv-impl`` (auto / xla / im2col) sets how the JAX model lowers its convolutions
+(mema_jax/models/layers/conv.py; "auto" is the default the library uses).  ``--conv-shapes``
+times single 3x3 convolutions instead of the UNet: lax.conv vs im2col (+ PyTorch conv2d) for
+each map size and channel count of ``--conv-maps`` x ``--conv-channels``, forward and
+forward+backward (gradients w.r.t. input and kernel); it prints the minimum over the repeats,
+the figure least disturbed by other processes on a shared machine.
 
 Prints median step times over ``--repeats`` timed calls after ``--warmup`` untimed ones; the
 first call (JAX: trace + compile + run; PyTorch: first run) is shown separately.  Weights are
@@ -88,6 +97,91 @@ def bench_torch(config, batch, size, context_len, precision, passes, warmup, rep
     return results
 
 
+def bench_conv_shapes(maps, channels, batch, stride, precision, warmup, repeats, with_torch):
+    """Rows of (map, channels, pass, {"xla": s, "im2col": s, "torch": s}) for 3x3 convolutions;
+    ``channels`` items are C (in = out) or "IN:OUT"."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax import lax
+
+    from mema_jax.models.layers.conv import im2col_conv
+
+    dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
+    if with_torch:
+        import torch
+
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    pad = ((1, 1), (1, 1))
+
+    def xla(x, k):
+        return lax.conv_general_dilated(x, k, (stride, stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def im2col(x, k):
+        return im2col_conv(x, k, (stride, stride), pad)
+
+    def best(fns):
+        """{name: minimum seconds}; the functions take turns, so a change of load hits them alike."""
+        for _ in range(1 + warmup):
+            for fn, sync in fns.values():
+                sync(fn())
+        times = {name: [] for name in fns}
+        for _ in range(repeats):
+            for name, (fn, sync) in fns.items():
+                start = time.perf_counter()
+                sync(fn())
+                times[name].append(time.perf_counter() - start)
+        return {name: min(t) for name, t in times.items()}
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for size in maps:
+        for c in channels:
+            c_in, c_out = (int(v) for v in c.split(":")) if ":" in str(c) else (int(c), int(c))
+            x_np = rng.standard_normal((batch, size, size, c_in), np.float32)
+            k_np = (rng.standard_normal((3, 3, c_in, c_out), np.float32) / np.sqrt(9 * c_in)).astype(np.float32)
+            x, k = jnp.asarray(x_np, dtype), jnp.asarray(k_np, dtype)
+            fwd_fns, bwd_fns = {}, {}
+            for name, conv in (("xla", xla), ("im2col", im2col)):
+                f = jax.jit(conv)
+                g = jax.jit(jax.grad(lambda x, k, conv=conv: jnp.sum(conv(x, k).astype(jnp.float32) ** 2) / 2,
+                                     argnums=(0, 1)))
+                fwd_fns[name] = (lambda f=f: f(x, k), jax.block_until_ready)
+                bwd_fns[name] = (lambda g=g: g(x, k), jax.block_until_ready)
+            if with_torch:
+                tdtype = torch.bfloat16 if precision == "bf16" else torch.float32
+                tx = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy()).to(tdtype)
+                tk = torch.from_numpy(k_np.transpose(3, 2, 0, 1).copy()).to(tdtype)
+
+                def t_fwd():
+                    with torch.no_grad():
+                        return torch.nn.functional.conv2d(tx, tk, stride=stride, padding=1)
+
+                txg, tkg = tx.clone().requires_grad_(True), tk.clone().requires_grad_(True)
+
+                def t_bwd():
+                    txg.grad = tkg.grad = None
+                    y = torch.nn.functional.conv2d(txg, tkg, stride=stride, padding=1)
+                    (y.float().square().sum() / 2).backward()
+                    return y
+
+                fwd_fns["torch"] = (t_fwd, lambda _: None)
+                bwd_fns["torch"] = (t_bwd, lambda _: None)
+            fwd, bwd = best(fwd_fns), best(bwd_fns)
+            for name, times in (("fwd", fwd), ("fwd+bwd", bwd)):
+                rows.append((size, c, name, times))
+                print_conv_row(rows[-1], with_torch)
+    return rows
+
+
+def print_conv_row(row, with_torch):
+    size, c, name, t = row
+    line = f"| {size}x{size} | {c} | {name} | {t['xla'] * 1e3:.2f} | {t['im2col'] * 1e3:.2f} | {t['xla'] / t['im2col']:.2f} |"
+    if with_torch:
+        line += f" {t['torch'] * 1e3:.2f} | {t['xla'] / t['torch']:.2f} | {t['im2col'] / t['torch']:.2f} |"
+    print(line, flush=True)
+
+
 def bench_jax(config, batch, size, context_len, precision, passes, warmup, repeats, attention_impl, remat):
     import jax
     import jax.numpy as jnp
@@ -133,6 +227,13 @@ def main(argv=None):
     parser.add_argument("--attention", choices=("xla", "dot_product"), help="JAX attention (default: dot_product on GPU)")
     parser.add_argument("--remat", choices=("none", "full", "dots"), default="none", help="JAX remat policy")
     parser.add_argument("--only", choices=("jax", "torch"), help="run one framework only")
+    parser.add_argument("--conv-impl", choices=("auto", "xla", "im2col"), default="auto",
+                        help="how the JAX model lowers its convolutions (default: auto, the library default)")
+    parser.add_argument("--conv-shapes", action="store_true", help="time single 3x3 convs per shape instead")
+    parser.add_argument("--conv-maps", type=int, nargs="+", default=[2, 4, 8, 16, 32], help="--conv-shapes map sizes")
+    parser.add_argument("--conv-channels", nargs="+", default=["320", "640", "1280"],
+                        help="--conv-shapes channel counts: C (in = out) or IN:OUT")
+    parser.add_argument("--conv-stride", type=int, default=1, help="--conv-shapes stride (map = input size)")
     parser.add_argument("--cpus", type=int, help="pin the process to this many CPU cores (default: 1 for cpu sizes, "
                         "all for gpu sizes)")
     args = parser.parse_args(argv)
@@ -154,8 +255,27 @@ def main(argv=None):
 
     import jax
 
+    if args.conv_shapes:
+        batch = args.batch or 1
+        print(f"3x3 conv, stride {args.conv_stride}, padding 1, batch {batch}, NHWC, {args.precision}, "
+              f"jax={jax.__version__} backend={jax.default_backend()} cpus={len(os.sched_getaffinity(0))} of "
+              f"{os.cpu_count()} load={os.getloadavg()[0]:.1f}; ms, minimum of {args.repeats}", flush=True)
+        with_torch = args.only != "jax"
+        header = "| map | channels | pass | lax.conv | im2col | conv / im2col |"
+        if with_torch:
+            header += " PyTorch | conv / PyTorch | im2col / PyTorch |"
+        print("\n" + header)
+        print("|" + "---|" * (header.count("|") - 1))
+        bench_conv_shapes(args.conv_maps, args.conv_channels, batch, args.conv_stride, args.precision, args.warmup,
+                          args.repeats, with_torch)
+        return
+
+    from mema_jax.models.layers.conv import set_default_conv_impl
+
+    set_default_conv_impl(args.conv_impl)
     print(f"size={args.size} precision={args.precision} batch={batch} latent={size}x{size} context={context_len} "
           f"jax={jax.__version__} backend={jax.default_backend()} attention={attention} remat={args.remat} "
+          f"conv_impl={args.conv_impl} "
           f"cpus={len(os.sched_getaffinity(0))} of {os.cpu_count()} load={os.getloadavg()[0]:.1f}", flush=True)
     common = (config, batch, size, context_len, args.precision, passes, args.warmup, args.repeats)
     results = {}

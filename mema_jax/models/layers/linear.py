@@ -1,7 +1,9 @@
 """Dense and convolution layers with logical axis names on their parameters.
 
 They are plain flax ``nn.Dense`` / ``nn.Conv`` (so a parameter sits at ``<name>/kernel`` and
-``<name>/bias``); only the initializers are wrapped to carry the names the sharding rules use.
+``<name>/bias``); only the initializers are wrapped to carry the names the sharding rules use, and
+the convolutions are lowered per ``conv_impl`` (``mema_jax.models.layers.conv``: im2col + matmul
+on CPU for small maps, ``lax.conv_general_dilated`` otherwise).
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ from typing import Any
 
 import jax.numpy as jnp
 from flax import linen as nn
+
+from mema_jax.models.layers.conv import Conv
 
 CONV_KERNEL_AXES = ("conv_h", "conv_w", "conv_in", "conv_out")
 
@@ -43,10 +47,13 @@ def conv2d(
     use_bias: bool = True,
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
+    conv_impl: str | None = None,
     name: str | None = None,
 ) -> nn.Conv:
-    """A 2-D NHWC convolution with torch-style symmetric integer padding."""
-    return nn.Conv(
+    """A 2-D NHWC convolution with torch-style symmetric integer padding.  ``conv_impl``: how it is
+    lowered ("auto" / "xla" / "im2col"; None: the module-wide default, see
+    ``mema_jax.models.layers.conv.set_default_conv_impl``)."""
+    return Conv(
         features,
         (kernel_size, kernel_size),
         strides=(stride, stride),
@@ -56,5 +63,6 @@ def conv2d(
         param_dtype=param_dtype,
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), CONV_KERNEL_AXES),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+        conv_impl=conv_impl,
         name=name,
     )
