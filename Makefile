@@ -19,7 +19,7 @@ $(CORE_STAMP): pyproject.toml | $(PY)
 # torch and torchvision first, pinned to the builds this machine ships on disk.
 $(ALL_STAMP): pyproject.toml $(CORE_STAMP)
 	$(PIP) "torch==2.14.1" "torchvision==0.29.1"
-	$(PIP) -e ".[torch,slurm,dev]"
+	$(PIP) -e ".[torch,slurm,dev,tfds]"
 	$(PIP) --no-deps "facenet-pytorch==2.6.0"  # its pins (torch<2.3, numpy<2) are stale; it runs on ours
 	touch $@
 
@@ -30,10 +30,10 @@ quickstart: setup-all
 	$(PY) -m launch.pipeline --runs=runs/pipeline
 
 test: setup-all
-	$(PY) -m pytest -n 2 --durations=15 tests
+	$(PY) -m pytest -n 2 --dist loadgroup --durations=15 tests
 
 test-fast: setup-all
-	$(PY) -m pytest -n 2 -m "not slow" tests
+	$(PY) -m pytest -n 2 --dist loadgroup -m "not slow" tests
 
 bench: setup-all
 	$(PY) benchmarks/bench_synth.py

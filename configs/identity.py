@@ -36,6 +36,8 @@ def get_config(arg=None):
 
     c.data = ml_collections.ConfigDict()
     c.data.root = "data/mema_synth_64_3k"  # shared with configs/quickstart.py
+    c.data.format = "folder"  # or "arrayrecord": TFDS ArrayRecord shards (python -m mema_jax.data.tfds_mema build)
+    c.data.arrayrecord_dir = ""  # format="arrayrecord": the shards' tfds data dir; "" = <data.root>_arrayrecord
     c.data.generate_if_missing = True  # render MeMa-Synth at data.root when it is absent
     c.data.verify_images = True
     c.data.flip = True  # random horizontal flip of the aligned crop (arcface_torch's augmentation)

@@ -75,6 +75,8 @@ def get_config(arg=None):
 
     c.data = ml_collections.ConfigDict()
     c.data.root = "data/mema_synth_64_3k"
+    c.data.format = "folder"  # or "arrayrecord": TFDS ArrayRecord shards (python -m mema_jax.data.tfds_mema build)
+    c.data.arrayrecord_dir = ""  # format="arrayrecord": the shards' tfds data dir; "" = <data.root>_arrayrecord
     c.data.image_size = 64
     c.data.generate_if_missing = True
     c.data.verify_images = True

@@ -30,7 +30,7 @@ from deid_jax.passwords import random_passwords
 from mema_jax.core import loop
 from mema_jax.core import train_state as ts
 from mema_jax.core.optim import make_optimizer
-from mema_jax.data import layout, pipeline
+from mema_jax.data import layout, pipeline, tfds_mema
 from mema_jax.fileio import atomic_folder, atomic_write_bytes
 from mema_jax.models import face_align, param_tree, weights
 from mema_jax.models.convert_iresnet import load_iresnet
@@ -46,13 +46,13 @@ CROPS = ("landmarks", "whole")
 def open_dataset(config) -> layout.MeMaDataset:
     """The training folder; ``data.diseases`` keeps only those diseases (Tab. 9's M1: healthy faces)."""
     d = config.data
-    dataset = pipeline.ensure_dataset(d.root, d.synth if d.generate_if_missing else None, verify_images=d.verify_images)
+    dataset = tfds_mema.open_configured_dataset(d, d.synth if d.generate_if_missing else None, d.verify_images)
     if d.diseases:
         unknown = sorted(set(d.diseases) - set(layout.DISEASES))
         if unknown:
             raise ValueError(f"data.diseases: unknown {unknown}; choose from {layout.DISEASES}")
         kept = [r for r in dataset.records if r.disease in d.diseases or r.split != "train"]
-        dataset = layout.MeMaDataset(dataset.root, kept, dataset.faces)
+        dataset = dataset.subset(kept)  # keeps its storage (folder or ArrayRecord shards)
     return dataset
 
 
@@ -185,7 +185,7 @@ def make_evaluator(config, generator, phi, med, dataset, mesh, rules, params_sha
                                                                config.batch_size)):
             if i >= config.eval_batches:
                 break
-            rows.append(jax.device_get(run(state.params, frozen, batch, jnp.int32(i))))
+            rows.append(loop.fetch(run(state.params, frozen, batch, jnp.int32(i))))
         return {f"eval/{k}": float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
 
     return evaluate
@@ -196,7 +196,9 @@ def export(workdir: Path, cfg: DeidConfig, config, med, params) -> Path:
     out = workdir / MODEL_DIR
     if out.exists():
         return out
-    generator = jax.device_get(params["generator"])
+    generator = loop.fetch(params["generator"])  # every process: a gather
+    if jax.process_index() != 0:
+        return out
     with atomic_folder(out) as tmp:
         weights.write_safetensors(tmp / GENERATOR_FILE, {k: np.asarray(v) for k, v in param_tree.flatten(generator).items()})
         settings = {"model": cfg.to_dict(), "identity_crop": config.identity.crop,
@@ -258,8 +260,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                   shardings, frozen, frozen_shardings)
 
     def finish(state):
+        out = export(workdir, cfg, config, med, state.params)
         if jax.process_index() == 0:
-            print(f"exported the de-identifier: {export(workdir, cfg, config, med, state.params)}", flush=True)
+            print(f"exported the de-identifier: {out}", flush=True)
 
     return loop.run(config, workdir, state_spec=state_spec, train_step=train_step, data_iter=iter(loader),
                     batch_shardings=shardings, frozen=frozen, evaluate=evaluate, on_finish=finish,

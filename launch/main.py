@@ -3,12 +3,19 @@ r"""The one entry point: run the trainer a config names, here or on a SLURM clus
   python -m launch.main --config=configs/NAME.py[:VARIANT] --workdir=DIR [--config.x.y=V ...]
   python -m launch.main --config=... --workdir=DIR --slurm_partition=gpu --slurm_nodes=2 --slurm_gpus_per_node=4
   python -m launch.main --config=... --workdir=DIR --submit=local --wait   # the submitit path, without a cluster
+  python -m launch.main --config=... --workdir=DIR --coordinator_address=host:1234 --num_processes=2 --process_id=0
 
 ``config.trainer`` is the module path of the trainer (e.g. ``mema_jax.trainers.classifier``); it
 must define ``train_and_evaluate(config, workdir)``.  Overrides are checked against the config:
 an unknown key or a value of the wrong type stops the run with a message naming the flag.
 With ``--slurm_*`` flags the same command is submitted through submitit, one task per GPU; each
-task calls ``jax.distributed.initialize()``, which reads the SLURM environment.
+task calls ``jax.distributed.initialize()``, which reads the SLURM environment.  Other launchers
+(torchrun-style, MPI, a shell loop) pass ``--coordinator_address``, ``--num_processes`` and
+``--process_id`` (on CPU the processes exchange data through gloo).  Sweeps: ``launch/sweep.py``.
+
+Preemption: SIGTERM / SIGUSR1 make the loop checkpoint the step it is at and exit with status 75
+(``mema_jax.core.preemption``); a submitit job is checkpointed the same way on SLURM's warning
+signal and requeued.  Rerunning the same command resumes; a finished run exits at once.
 """
 from __future__ import annotations
 
@@ -35,47 +42,100 @@ _SLURM_GPUS = flags.DEFINE_integer("slurm_gpus_per_node", 1, "GPUs (= tasks) per
 _SLURM_HOURS = flags.DEFINE_float("slurm_hours", 24.0, "SLURM time limit in hours.")
 _SLURM_CPUS = flags.DEFINE_integer("slurm_cpus_per_task", 8, "CPUs per task (data loading workers).")
 _SLURM_ACCOUNT = flags.DEFINE_string("slurm_account", None, "SLURM account.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0, for multi-process runs outside SLURM.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 
 
-def run(config, workdir: str):
-    """Runs ``config.trainer`` in this process (used directly by tests and by SLURM tasks)."""
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+    """jax.distributed from explicit flags, or from SLURM's environment when it holds several tasks."""
+    import jax
+
+    if coordinator:
+        if num_processes is None or process_id is None:
+            raise SystemExit("--coordinator_address needs --num_processes and --process_id")
+        # CPU devices of different processes talk through gloo (this touches only the CPU client,
+        # and must be set before any backend exists, so it is not made conditional on one).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id)
+        return True
     if _is_multiprocess():
-        import jax
-
         jax.distributed.initialize()
+        return True
+    return False
+
+
+def run(config, workdir: str, distributed: dict | None = None):
+    """Runs ``config.trainer`` in this process (used directly by tests and by SLURM tasks)."""
+    initialize_distributed(**(distributed or {}))
     module = importlib.import_module(config.trainer)
     if not hasattr(module, "train_and_evaluate"):
         raise SystemExit(f"trainer module {config.trainer!r} has no train_and_evaluate(config, workdir)")
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    os.replace(os.path.join(workdir, "config.json.tmp"), os.path.join(workdir, "config.json"))
+    import jax
+
+    if jax.process_index() == 0:
+        tmp = os.path.join(workdir, "config.json.tmp")
+        with open(tmp, "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+        os.replace(tmp, os.path.join(workdir, "config.json"))
     return module.train_and_evaluate(config, workdir)
+
+
+class SubmittedRun:
+    """What submitit runs: ``run(config, workdir)``, checkpointed and requeued on preemption.
+
+    submitit calls ``checkpoint`` from its handler of SLURM's warning signal (and on timeout): the
+    loop saves the step it is at, then the same run is resubmitted and resumes from it."""
+
+    def __call__(self, config, workdir: str):
+        return run(config, workdir)
+
+    def checkpoint(self, config, workdir: str):
+        import submitit
+
+        from mema_jax.core import preemption
+
+        step = preemption.save_now()
+        print(f"launch.main: preempted; checkpointed step {step} in {workdir}; requeueing", flush=True)
+        return submitit.helpers.DelayedSubmission(SubmittedRun(), config, workdir)
 
 
 def _is_multiprocess() -> bool:
     return int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "JAX_COORDINATOR_ADDRESS" in os.environ
 
 
-def submit(config, workdir: str, cluster: str):
-    """Submits ``run(config, workdir)`` through submitit: one task per GPU on SLURM."""
+def make_executor(folder: str, cluster: str, *, name: str, hours: float = 24.0, partition: str | None = None,
+                  nodes: int = 1, gpus_per_node: int = 1, cpus_per_task: int = 8, account: str | None = None,
+                  array_parallelism: int | None = None, signal_delay_s: int = 120):
+    """A submitit executor: on SLURM one task per GPU (one task per node on CPU-only nodes), SLURM's
+    warning signal (USR2) ``signal_delay_s`` before the time limit; ``local`` runs one task here."""
     import submitit
 
-    executor = submitit.AutoExecutor(folder=os.path.join(workdir, "submitit"), cluster=cluster)
-    common = dict(timeout_min=int(_SLURM_HOURS.value * 60), name=os.path.basename(os.path.abspath(workdir)))
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    common = {"timeout_min": max(1, int(hours * 60)), "name": name}
     if cluster == "slurm":
         executor.update_parameters(
-            slurm_partition=_SLURM_PARTITION.value,
-            nodes=_SLURM_NODES.value,
-            tasks_per_node=_SLURM_GPUS.value,
-            gpus_per_node=_SLURM_GPUS.value,
-            cpus_per_task=_SLURM_CPUS.value,
-            **({"slurm_account": _SLURM_ACCOUNT.value} if _SLURM_ACCOUNT.value else {}),
-            **common,
-        )
+            slurm_partition=partition, nodes=nodes, tasks_per_node=max(1, gpus_per_node), gpus_per_node=gpus_per_node,
+            cpus_per_task=cpus_per_task, slurm_signal_delay_s=signal_delay_s,
+            **({"slurm_array_parallelism": array_parallelism} if array_parallelism else {}),
+            **({"slurm_account": account} if account else {}), **common)
     else:
         executor.update_parameters(tasks_per_node=1, nodes=1, gpus_per_node=0, **common)
-    job = executor.submit(run, config, workdir)
+    return executor
+
+
+def submit(config, workdir: str, cluster: str):
+    """Submits ``run(config, workdir)`` through submitit: one task per GPU on SLURM."""
+    executor = make_executor(os.path.join(workdir, "submitit"), cluster,
+                             name=os.path.basename(os.path.abspath(workdir)), hours=_SLURM_HOURS.value,
+                             partition=_SLURM_PARTITION.value, nodes=_SLURM_NODES.value,
+                             gpus_per_node=_SLURM_GPUS.value, cpus_per_task=_SLURM_CPUS.value,
+                             account=_SLURM_ACCOUNT.value)
+    job = executor.submit(SubmittedRun(), config, workdir)
     print(json.dumps({"job_id": job.job_id, "cluster": cluster, "workdir": workdir, "logs": str(executor.folder)}),
           flush=True)
     if _WAIT.value:
@@ -98,11 +158,18 @@ def main(argv):
     if cluster:
         submit(config, _WORKDIR.value, cluster)
         return
+    from mema_jax.core import preemption
+
+    distributed = {"coordinator": _COORDINATOR.value, "num_processes": _NUM_PROCESSES.value,
+                   "process_id": _PROCESS_ID.value}
     try:
-        run(config, _WORKDIR.value)
+        run(config, _WORKDIR.value, distributed)
     except InputError as e:  # its message names the file and the problem: no traceback
         print(f"launch.main: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    except preemption.Preempted as e:
+        print(f"launch.main: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(preemption.PREEMPTED_EXIT) from None
 
 
 def parse_flags(argv):

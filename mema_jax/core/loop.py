@@ -27,12 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh
 
 from mema_jax.core import checkpoint as ckpt_lib
 from mema_jax.core import metrics as metrics_lib
+from mema_jax.core import preemption
 from mema_jax.core import sharding as shd
 from mema_jax.core import train_state as ts
 
@@ -57,18 +59,40 @@ def to_global(batch: Mapping[str, Any], shardings: Mapping[str, Any]) -> dict:
     return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()}
 
 
-def padded_batches(loader, shardings: Mapping[str, Any], batch_size: int) -> Iterator[tuple[dict, int, dict]]:
+def fetch(tree):
+    """Jitted outputs (a pytree) on this host, whole.  An array that spans other processes' devices
+    is gathered from all of them: a collective, so every process must call it, not only process 0."""
+
+    def leaf(x):
+        if jax.process_count() == 1 or not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+            return np.asarray(jax.device_get(x))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(leaf, tree)
+
+
+def padded_batches(loader, shardings: Mapping[str, Any], batch_size: int) -> Iterator[tuple[dict, np.ndarray, dict]]:
     """Evaluation batches at the compiled batch size: the entries named in ``shardings`` as global
-    arrays, a short last batch zero-padded.  Yields (global batch, number of real rows, the
-    loader's own numpy batch)."""
-    rows = batch_size // jax.process_count()
+    arrays, a short last batch zero-padded.  Yields (global batch, the indices of its real rows,
+    the host batch): ``fetch(f(batch))[rows]`` and ``host[k][rows]`` are the real rows, in the
+    global order, on every process (with several processes, the host batch's numeric entries are
+    gathered from all of them, each process's rows padded to its share)."""
+    local = batch_size // jax.process_count()
     for batch in loader:
         n = len(next(iter(batch.values())))
         padded = {}
-        for k in shardings:
-            v = np.asarray(batch[k])
-            padded[k] = np.concatenate([v, np.zeros((rows - n,) + v.shape[1:], v.dtype)]) if n < rows else v
-        yield to_global(padded, shardings), n, batch
+        for k, v in batch.items():
+            v = np.asarray(v)
+            if k in shardings or jax.process_count() > 1:
+                padded[k] = np.concatenate([v, np.zeros((local - n,) + v.shape[1:], v.dtype)]) if n < local else v
+        if jax.process_count() == 1:
+            yield to_global({k: padded[k] for k in shardings}, shardings), np.arange(n), batch
+            continue
+        numeric = {k: v for k, v in padded.items() if v.dtype.kind in "biufc"}
+        counts = np.asarray(multihost_utils.process_allgather(np.int32(n))).reshape(-1)
+        rows = np.concatenate([p * local + np.arange(c) for p, c in enumerate(counts)])
+        host = {k: np.asarray(v) for k, v in multihost_utils.process_allgather(numeric, tiled=True).items()}
+        yield to_global({k: padded[k] for k in shardings}, shardings), rows, host
 
 
 def in_mesh(fn: Callable, mesh: Mesh, rules) -> Callable:
@@ -100,6 +124,29 @@ def flat_hparams(config) -> dict:
                 yield f"{prefix}{k}", v
 
     return dict(flatten(config.to_dict()))
+
+
+FINAL_METRICS = "final_metrics.json"  # written when a run reaches total_steps: sweeps read it
+
+
+def write_final_metrics(workdir: Path, step: int, eval_metrics: Mapping[str, Any]) -> Path:
+    """``<workdir>/final_metrics.json``: the step reached and the last evaluation, plus the last logged
+    training scalars from metrics.csv (what ``launch.sweep collect`` tabulates)."""
+    import csv
+    import json
+
+    from mema_jax.fileio import atomic_write_bytes
+
+    last: dict = {}
+    table = workdir / "metrics.csv"
+    if table.exists():
+        with open(table, newline="") as f:
+            for row in csv.DictReader(f):  # long format: step,name,value,time
+                last[row["name"]] = float(row["value"])
+    last.update({k: float(v) for k, v in jax.device_get(dict(eval_metrics)).items()})
+    path = workdir / FINAL_METRICS
+    atomic_write_bytes(path, (json.dumps({"step": step, "metrics": last}, indent=2, sort_keys=True) + "\n").encode())
+    return path
 
 
 def restore_or_init(checkpointer: ckpt_lib.Checkpointer, state_spec: ts.ShardedState, data_iter, workdir) -> ts.TrainState:
@@ -146,6 +193,16 @@ def run(
     def due(every: int, step: int) -> bool:
         return bool(every) and (step % every == 0 or step == total)
 
+    current = {"state": state}
+
+    def save_current() -> int:
+        step_now = int(current["state"].step)
+        checkpointer.save(step_now, current["state"], data_iter, force=True)
+        checkpointer.manager.wait_until_finished()
+        return step_now
+
+    preemption.install()
+    preemption.register_saver(save_current)
     eval_metrics: dict = {}
     if evaluate is not None and start == 0 and config.get("eval_at_start", False):
         eval_metrics = dict(evaluate(state))  # the starting point (e.g. a frozen base before LoRA)
@@ -153,6 +210,7 @@ def run(
     for step in range(start, total):
         batch = to_global(next(data_iter), batch_shardings)
         state, metrics = train_step(state, batch, frozen)
+        current["state"] = state
         done = step + 1
         for action in actions:
             action(done)
@@ -165,10 +223,21 @@ def run(
             if due(callback.every, done):
                 callback.fn(done, state, writer)
         checkpointer.save(done, state, data_iter, force=done == total)
+        signal_name = preemption.requested()
+        if signal_name and done < total:
+            if checkpointer.latest_step() != done:
+                checkpointer.save(done, state, data_iter, force=True)
+            checkpointer.close()
+            writer.flush()
+            preemption.register_saver(None)
+            raise preemption.Preempted(done, signal_name)
+    preemption.register_saver(None)
     checkpointer.close()
     if on_finish is not None and int(state.step) == total:
         on_finish(state)
     writer.flush()
+    if jax.process_index() == 0 and (start < total or not (workdir / FINAL_METRICS).exists()):
+        write_final_metrics(workdir, int(state.step), eval_metrics)
     print(f"done: {total} steps; checkpoints in {checkpointer.directory}, TensorBoard events in "
           f"{workdir / 'tensorboard'}, metrics table {workdir / 'metrics.csv'}", flush=True)
     return eval_metrics

@@ -135,6 +135,14 @@ class MeMaDataset:
     def __len__(self) -> int:
         return len(self.records)
 
+    def subset(self, records: Sequence[Record]) -> "MeMaDataset":
+        """The same dataset (same storage: a folder, or ArrayRecord shards) with only ``records``."""
+        import copy
+
+        out = copy.copy(self)
+        out.records = tuple(records)
+        return out
+
     def split(self, name: str) -> list[Record]:
         if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}; expected one of {list(SPLITS)}")

@@ -1,14 +1,18 @@
 """grain input pipelines over a MeMa-layout folder.
 
-Each process reads its own shard of the records (``ShardByJaxProcess``), shuffles with a seeded
-sampler, decodes and augments per record (augmentation randomness comes from grain's per-record
-RNG, so it is reproducible), and batches.  The iterator is checkpointable: its state is saved with
+One seeded, shuffled order of the records is the same in every process; each global batch is the
+next ``global_batch_size`` records of it, and process p reads only its rows of that batch (the
+rows its devices hold), so a run on 2 processes x 4 devices sees the same batches, row for row,
+as one process with 8 (:class:`GlobalBatchSampler`).  Decoding and augmentation are per record
+(augmentation randomness comes from grain's per-record RNG, seeded by the record's position in
+the global order, so it does not depend on the process count either), then batches.  The iterator is checkpointable: its state is saved with
 the model, so a resumed run sees exactly the batches the uninterrupted run would have seen.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 import grain.python as grain
@@ -104,6 +108,53 @@ class ToFloat(grain.MapTransform):
         return dict(element, image=element["image"].astype(np.float32) / 127.5 - 1.0)
 
 
+class GlobalBatchSampler:
+    """Process ``p`` of ``P``'s view of one global, seeded record order, in global-batch rows.
+
+    grain's DataLoader (given ``ShardOptions(p, P)``) asks for positions ``q = i * P + p``, i the
+    process-local position.  Local position i is row ``j = i % L`` of local batch ``k = i // L``
+    (L = B / P); its record is the global order's ``k * B + p * L + j``: the same rows as the
+    process's devices hold of global batch k.  With ``P == 1`` this is the plain IndexSampler.
+    A finite order ends after its last full global batch, or (``drop_remainder=False``) after the
+    rest of it split evenly over the processes (at most P - 1 records left out, as grain does), so
+    every process yields the same number of batches.
+    """
+
+    def __init__(self, order: grain.IndexSampler, global_batch_size: int, process_index: int, process_count: int,
+                 drop_remainder: bool):
+        self._order = order
+        self._batch, self._p, self._count = global_batch_size, process_index, process_count
+        self._local = global_batch_size // process_count
+        total = len(order)
+        if total >= sys.maxsize:
+            self._full, self._rest = None, 0
+        else:
+            self._full = total // global_batch_size  # full global batches
+            rest = total - self._full * global_batch_size
+            self._rest = 0 if drop_remainder else rest // process_count  # per process, in the last one
+        self._len = sys.maxsize if self._full is None else (self._full * self._local + self._rest) * process_count
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:  # grain puts this in checkpoints
+        return (f"GlobalBatchSampler({self._order!r}, global_batch_size={self._batch}, "
+                f"process={self._p}/{self._count}, rest={self._rest})")
+
+    def global_position(self, q: int) -> int:
+        if q < 0 or q >= self._len or q % self._count != self._p:
+            raise IndexError(f"position {q} is not process {self._p}'s (of {self._count}) or past {self._len}")
+        i = q // self._count
+        if self._full is None or i < self._full * self._local:
+            k, j = divmod(i, self._local)
+            return k * self._batch + self._p * self._local + j
+        return self._full * self._batch + self._p * self._rest + (i - self._full * self._local)
+
+    def __getitem__(self, q: int) -> grain.RecordMetadata:
+        record = self._order[self.global_position(q)]
+        return grain.RecordMetadata(index=q, record_key=record.record_key, rng=record.rng)
+
+
 def make_loader(
     dataset: layout.MeMaDataset,
     split: str,
@@ -123,16 +174,14 @@ def make_loader(
     if global_batch_size % jax.process_count():
         raise ValueError(f"batch size {global_batch_size} is not divisible by {jax.process_count()} processes")
     source = MeMaSource(dataset, split, image_size, with_masks=with_masks, with_faces=with_faces)
-    sampler = grain.IndexSampler(
-        num_records=len(source),
-        shard_options=grain.ShardByJaxProcess(drop_remainder=True),
-        shuffle=shuffle,
-        num_epochs=num_epochs,
-        seed=seed,
-    )
+    order = grain.IndexSampler(num_records=len(source), shuffle=shuffle, num_epochs=num_epochs, seed=seed)
+    process, count = jax.process_index(), jax.process_count()
+    sampler = GlobalBatchSampler(order, global_batch_size, process, count, drop_remainder)
     ops: list = [Augment()] if augment else []
-    ops += [ToFloat(), grain.Batch(global_batch_size // jax.process_count(), drop_remainder=drop_remainder)]
-    return grain.DataLoader(data_source=source, sampler=sampler, operations=ops, worker_count=worker_count)
+    ops += [ToFloat(), grain.Batch(global_batch_size // count, drop_remainder=drop_remainder)]
+    return grain.DataLoader(data_source=source, sampler=sampler, operations=ops, worker_count=worker_count,
+                            shard_options=grain.ShardOptions(shard_index=process, shard_count=count,
+                                                             drop_remainder=True))
 
 
 def ensure_dataset(root, synth_config=None, *, verify_images: bool = True) -> layout.MeMaDataset:

@@ -17,7 +17,7 @@ import optax
 from mema_jax.core import loop
 from mema_jax.core import train_state as ts
 from mema_jax.core.optim import make_optimizer
-from mema_jax.data import layout, pipeline
+from mema_jax.data import layout, pipeline, tfds_mema
 from mema_jax.models.resnet_classifier import ResNetClassifier
 
 
@@ -58,9 +58,9 @@ def make_evaluator(model, dataset, config, mesh, rules, params_shardings, batch_
                                       image_size=config.data.image_size, seed=0, shuffle=False, num_epochs=1,
                                       augment=False, drop_remainder=False)
         preds, labels = [], []
-        for batch, n, host in loop.padded_batches(loader, image_sharding, config.batch_size):
-            preds.append(np.asarray(jax.device_get(predict(params, batch["image"])))[:n])
-            labels.append(host["label"])
+        for batch, rows, host in loop.padded_batches(loader, image_sharding, config.batch_size):
+            preds.append(loop.fetch(predict(params, batch["image"]))[rows])
+            labels.append(host["label"][rows])
         preds, labels = np.concatenate(preds), np.concatenate(labels)
         out = {"eval/accuracy": float(np.mean(preds == labels))}
         for i, name in enumerate(layout.DISEASES):
@@ -74,8 +74,8 @@ def make_evaluator(model, dataset, config, mesh, rules, params_shardings, batch_
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh, rules = loop.mesh_and_rules(config)
     precision = ts.Precision.from_config(config.precision)
-    dataset = pipeline.ensure_dataset(config.data.root, config.data.synth if config.data.generate_if_missing else None,
-                                      verify_images=config.data.verify_images)
+    dataset = tfds_mema.open_configured_dataset(
+        config.data, config.data.synth if config.data.generate_if_missing else None, config.data.verify_images)
     model = make_model(config, precision)
     tx = make_optimizer(config.optim, config.total_steps)
     size, batch = config.data.image_size, config.batch_size

@@ -43,7 +43,7 @@ from mema_jax.core import loop
 from mema_jax.core import sharding as shd
 from mema_jax.core import train_state as ts
 from mema_jax.core.optim import make_optimizer
-from mema_jax.data import captions, layout, pipeline
+from mema_jax.data import captions, layout, pipeline, tfds_mema
 from mema_jax.fileio import atomic_folder, atomic_write_bytes, write_png
 from mema_jax.models import ip_adapter, lora
 from mema_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionModelWithProjection
@@ -276,7 +276,11 @@ def make_sampler(models: Models, config, lora_scale: float, frozen, samples_dir:
 
 def export(mode, models: Models, config, workdir: Path, state, frozen, lora_scale: float) -> Path:
     """Writes the trained part in its official format (skipped when it is already there)."""
-    params = jax.device_get(state.ema_params if state.ema_params is not None else state.params)
+    params = loop.fetch(state.ema_params if state.ema_params is not None else state.params)
+    if mode == "full":  # the frozen towers are saved beside the UNet
+        frozen = loop.fetch({k: frozen[k] for k in ("text", "vae") if frozen.get(k) is not None})
+    if jax.process_index() != 0:  # the gathers above are every process's part; one writes
+        return workdir
     if mode == "lora":
         out = workdir / "lora" / "pytorch_lora_weights.safetensors"
         if not out.exists():
@@ -291,13 +295,13 @@ def export(mode, models: Models, config, workdir: Path, state, frozen, lora_scal
     if not out.exists():
         with atomic_folder(out) as tmp:
             save_unet(tmp / "unet", models.unet, params)
-            save_clip_text(tmp / "text_encoder", models.text_encoder, jax.device_get(frozen["text"]))
+            save_clip_text(tmp / "text_encoder", models.text_encoder, frozen["text"])
             shutil.copytree(models.tokenizer_folder, tmp / "tokenizer")
             (tmp / "scheduler").mkdir()
             atomic_write_bytes(tmp / "scheduler" / "scheduler_config.json",
                                (json.dumps(models.scheduler_config, indent=2, sort_keys=True) + "\n").encode())
             if models.vae is not None:
-                save_vae(tmp / "vae", models.vae, jax.device_get(frozen["vae"]))
+                save_vae(tmp / "vae", models.vae, frozen["vae"])
     return out
 
 
@@ -306,8 +310,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise ValueError(f"config.mode is {config.mode!r}; choose one of {MODES}")
     workdir = Path(workdir)
     mesh, rules = loop.mesh_and_rules(config)
-    dataset = pipeline.ensure_dataset(config.data.root, config.data.synth if config.data.generate_if_missing else None,
-                                      verify_images=config.data.verify_images)
+    dataset = tfds_mema.open_configured_dataset(
+        config.data, config.data.synth if config.data.generate_if_missing else None, config.data.verify_images)
     if config.num_epochs > 0:
         train_images = len(dataset.split("train"))
         config.total_steps = max(1, -(-config.num_epochs * train_images // config.batch_size))
@@ -378,9 +382,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         periodic.append(loop.Periodic(config.sample.every, sampler))
 
     def finish(state):
+        out = export(config.mode, models, config, workdir, state, frozen, lora_scale)  # every process: a gather
         if jax.process_index() == 0:
-            print(f"exported {config.mode}: {export(config.mode, models, config, workdir, state, frozen, lora_scale)}",
-                  flush=True)
+            print(f"exported {config.mode}: {out}", flush=True)
 
     return loop.run(config, workdir, state_spec=state_spec, train_step=train_step, data_iter=iter(loader),
                     batch_shardings=shardings, frozen=frozen, evaluate=evaluate, periodic=periodic, on_finish=finish,

@@ -36,7 +36,7 @@ from flax import linen as nn
 from mema_jax.core import loop
 from mema_jax.core import train_state as ts
 from mema_jax.core.optim import make_optimizer
-from mema_jax.data import layout, pipeline
+from mema_jax.data import layout, tfds_mema
 from mema_jax.models import face_align
 from mema_jax.models.convert_iresnet import save_iresnet_pth
 from mema_jax.models.iresnet import FIXED_PARAMS, IResNet, IResNetConfig, INPUT_SIZE
@@ -87,7 +87,7 @@ def make_loader(source: FaceSource, batch_size: int, *, seed: int, shuffle: bool
 def open_dataset(config) -> layout.MeMaDataset:
     """The folder (rendered first when asked); an older MeMa-Synth folder gets its faces.csv."""
     synth_cfg = config.data.synth if config.data.generate_if_missing else None
-    dataset = pipeline.ensure_dataset(config.data.root, synth_cfg, verify_images=config.data.verify_images)
+    dataset = tfds_mema.open_configured_dataset(config.data, synth_cfg, config.data.verify_images)
     if dataset.faces is None and synth_cfg is not None:
         from mema_jax.data import synth
 
@@ -235,8 +235,8 @@ def make_evaluator(backbone, source: FaceSource, config, mesh, rules, params_sha
         params = state.ema_params if state.ema_params is not None else state.params
         loader = make_loader(source, config.batch_size, seed=0, shuffle=False, num_epochs=1, drop_remainder=False)
         features = []
-        for batch, n, _ in loop.padded_batches(loader, shardings, config.batch_size):
-            features.append(np.asarray(jax.device_get(embed(params, batch["image"], batch["landmarks"])))[:n])
+        for batch, rows, _ in loop.padded_batches(loader, shardings, config.batch_size):
+            features.append(loop.fetch(embed(params, batch["image"], batch["landmarks"]))[rows])
         f = np.concatenate(features).astype(np.float64)
         f /= np.linalg.norm(f, axis=1, keepdims=True)
         distances = np.linalg.norm(f[pairs[:, 0]] - f[pairs[:, 1]], axis=1)
@@ -279,9 +279,10 @@ def build(config, dataset: layout.MeMaDataset, mesh, rules):
 
 def export_backbone(path: Path, backbone: IResNet, state: ts.TrainState) -> None:
     """``state``'s backbone and BatchNorm statistics as arcface_torch's ``backbone.pth``."""
-    params = jax.device_get(state.ema_params if state.ema_params is not None else state.params)
-    save_iresnet_pth(path, {"params": params["backbone"], "batch_stats": params["batch_stats"]}, backbone.config,
-                     num_batches_tracked=int(jax.device_get(state.step)))
+    params = loop.fetch(state.ema_params if state.ema_params is not None else state.params)
+    if jax.process_index() == 0:
+        save_iresnet_pth(path, {"params": params["backbone"], "batch_stats": params["batch_stats"]}, backbone.config,
+                         num_batches_tracked=int(jax.device_get(state.step)))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -298,8 +299,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     def export(step, state, writer):
         del writer
+        export_backbone(Path(workdir) / BACKBONE_FILE, parts["backbone"], state)  # every process: a gather
         if jax.process_index() == 0:
-            export_backbone(Path(workdir) / BACKBONE_FILE, parts["backbone"], state)
             print(f"wrote {Path(workdir) / BACKBONE_FILE} (step {step})", flush=True)
 
     return loop.run(config, workdir, state_spec=parts["state_spec"], train_step=parts["train_step"],

@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from mema_jax.core import loop
 from mema_jax.core import train_state as ts
 from mema_jax.core.optim import make_optimizer
-from mema_jax.data import pipeline
+from mema_jax.data import pipeline, tfds_mema
 from mema_jax.models import vit
 
 ENCODER_DIR = "encoder"
@@ -67,8 +67,8 @@ def make_evaluator(model: vit.MAE, dataset, config, mesh, rules, params_sharding
         loader = pipeline.make_loader(dataset, config.eval_split, global_batch_size=config.batch_size,
                                       image_size=config.data.image_size, seed=0, shuffle=False, num_epochs=1,
                                       augment=False, drop_remainder=False)
-        losses = [np.asarray(jax.device_get(per_sample(params, b["image"], b["index"])))[:n]
-                  for b, n, _ in loop.padded_batches(loader, shardings, config.batch_size)]
+        losses = [loop.fetch(per_sample(params, b["image"], b["index"]))[rows]
+                  for b, rows, _ in loop.padded_batches(loader, shardings, config.batch_size)]
         return {"eval/masked_patch_loss": float(np.mean(np.concatenate(losses).astype(np.float64)))}
 
     return evaluate
@@ -107,8 +107,8 @@ def export_encoder(folder: Path, model: vit.MAE, state: ts.TrainState) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh, rules = loop.mesh_and_rules(config)
-    dataset = pipeline.ensure_dataset(config.data.root, config.data.synth if config.data.generate_if_missing else None,
-                                      verify_images=config.data.verify_images)
+    dataset = tfds_mema.open_configured_dataset(
+        config.data, config.data.synth if config.data.generate_if_missing else None, config.data.verify_images)
     parts = build(config, mesh, rules)
     loader = pipeline.make_loader(dataset, "train", global_batch_size=config.batch_size,
                                   image_size=config.data.image_size, seed=config.seed, augment=config.data.augment,

@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from mema_jax.core import loop
 from mema_jax.core import train_state as ts
 from mema_jax.core.optim import make_optimizer
-from mema_jax.data import layout, pipeline
+from mema_jax.data import layout, pipeline, tfds_mema
 from mema_jax.models import vit
 from mema_jax.trainers.classifier import classification_loss, make_evaluator
 
@@ -69,8 +69,8 @@ def export_encoder(folder: Path, model: vit.ViTClassifier, state: ts.TrainState)
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh, rules = loop.mesh_and_rules(config)
-    dataset = pipeline.ensure_dataset(config.data.root, config.data.synth if config.data.generate_if_missing else None,
-                                      verify_images=config.data.verify_images)
+    dataset = tfds_mema.open_configured_dataset(
+        config.data, config.data.synth if config.data.generate_if_missing else None, config.data.verify_images)
     parts = build(config, mesh, rules)
     loader = pipeline.make_loader(dataset, "train", global_batch_size=config.batch_size,
                                   image_size=config.data.image_size, seed=config.seed, augment=config.data.augment,
