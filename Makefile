@@ -38,6 +38,7 @@ test-fast: setup-all
 bench: setup-all
 	$(PY) benchmarks/bench_synth.py
 	$(PY) benchmarks/bench_unet.py --size cpu-small
+	$(PY) benchmarks/suite.py --profile cpu --threads 1
 
 lint: setup-all
 	$(VENV)/bin/ruff check .
