@@ -104,7 +104,7 @@ def main(argv=None) -> str:
         f"epochs after one warm-up epoch.",
         "",
         f"Machine: {os.cpu_count()} cores, load average {load_before[0]:.1f} before / {load_after[0]:.1f} after "
-        f"(shared with other jobs: the figures are contended).  "
+        f"(the load before the run says whether other jobs shared the cores; the grain workers raise it during the run).  "
         f"Command: `python benchmarks/bench_loader.py --sizes {a.sizes} --workers {a.workers} --epochs {a.epochs}"
         f" --batch {a.batch}{' --root ' + a.root if a.root else f' --images {a.images}'}`",
         "",

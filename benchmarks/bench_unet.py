@@ -105,6 +105,7 @@ def bench_conv_shapes(maps, channels, batch, stride, precision, warmup, repeats,
     import numpy as np
     from jax import lax
 
+    from mema_jax.core.compile import jit
     from mema_jax.models.layers.conv import im2col_conv
 
     dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
@@ -143,9 +144,9 @@ def bench_conv_shapes(maps, channels, batch, stride, precision, warmup, repeats,
             x, k = jnp.asarray(x_np, dtype), jnp.asarray(k_np, dtype)
             fwd_fns, bwd_fns = {}, {}
             for name, conv in (("xla", xla), ("im2col", im2col)):
-                f = jax.jit(conv)
-                g = jax.jit(jax.grad(lambda x, k, conv=conv: jnp.sum(conv(x, k).astype(jnp.float32) ** 2) / 2,
-                                     argnums=(0, 1)))
+                f = jit(conv)
+                g = jit(jax.grad(lambda x, k, conv=conv: jnp.sum(conv(x, k).astype(jnp.float32) ** 2) / 2,
+                                     argnums=(0, 1)), training=True)
                 fwd_fns[name] = (lambda f=f: f(x, k), jax.block_until_ready)
                 bwd_fns[name] = (lambda g=g: g(x, k), jax.block_until_ready)
             if with_torch:
@@ -188,6 +189,7 @@ def bench_jax(config, batch, size, context_len, precision, passes, warmup, repea
     import numpy as np
     from flax import linen as nn
 
+    from mema_jax.core.compile import jit
     from mema_jax.models.unet import UNet2DConditionModel, UNetConfig, init_params
 
     dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
@@ -202,12 +204,12 @@ def bench_jax(config, batch, size, context_len, precision, passes, warmup, repea
     timesteps = jnp.arange(batch) * 97 % 1000
     sync = jax.block_until_ready
 
-    forward_jit = jax.jit(lambda p: module.apply({"params": p}, sample, timesteps, context))
+    forward_jit = jit(lambda p: module.apply({"params": p}, sample, timesteps, context))
 
     def loss(p):
         return jnp.mean(jnp.square(module.apply({"params": p}, sample, timesteps, context).astype(jnp.float32)))
 
-    grad_jit = jax.jit(jax.grad(loss))
+    grad_jit = jit(jax.grad(loss), training=True)
     results = {}
     if "fwd" in passes:
         results["fwd"] = timed(lambda: forward_jit(params), warmup, repeats, sync)

@@ -306,12 +306,20 @@ class MedSemDeID(nn.Module):
         return self.decoder(self.decryptor(self._pad(encrypted, password), password))
 
     def forward(self, x, f_med, password, wrong_password):
+        """Batched as ours: both recoveries in one decryptor batch, the decoder's three inputs in one."""
+        n = x.shape[0]
         f = self.features(x, f_med)
         f_enc = self.encrypt(f, password)
-        x_enc = self.decoder(f_enc)
-        encrypted = x_enc if self.reencoder is not None else f_enc
-        return SimpleNamespace(f=f, f_enc=f_enc, x_enc=x_enc, x_hat=self.recover(encrypted, password),
-                               x_wrong=self.recover(encrypted, wrong_password))
+        passwords = torch.cat([password, wrong_password])
+        if self.reencoder is not None:
+            x_enc = self.decoder(f_enc)
+            encrypted = self.reencoder(quantize_8bit(x_enc))
+            both = torch.cat([encrypted, encrypted])
+            recovered = self.decoder(self.decryptor(self._pad(both, passwords), passwords))
+            return SimpleNamespace(f=f, f_enc=f_enc, x_enc=x_enc, x_hat=recovered[:n], x_wrong=recovered[n:])
+        decrypted = self.decryptor(self._pad(torch.cat([f_enc, f_enc]), passwords), passwords)
+        images = self.decoder(torch.cat([f_enc, decrypted]))
+        return SimpleNamespace(f=f, f_enc=f_enc, x_enc=images[:n], x_hat=images[n:2 * n], x_wrong=images[2 * n:])
 
 
 class PatchDiscriminator(nn.Module):
@@ -549,16 +557,16 @@ class TrainStep:
         # The generator's update: the discriminator's weights are constants in its loss.
         self.discriminator.requires_grad_(False)
         out = self.G(x, f_med if cfg.med_channels else None, password, wrong)
-        total = (cosine(phi_x, self.identity(out.x_enc, landmarks)).mean()
-                 - cosine(phi_x, self.identity(out.x_hat, landmarks)).mean()
-                 + cosine(phi_x, self.identity(out.x_wrong, landmarks)).mean()
+        fakes = torch.cat([out.x_enc, out.x_hat, out.x_wrong])
+        phi_enc, phi_hat, phi_wrong = self.identity(
+            fakes, None if landmarks is None else torch.cat([landmarks] * 3)).chunk(3)  # one batch, as ours
+        total = (cosine(phi_x, phi_enc).mean() - cosine(phi_x, phi_hat).mean() + cosine(phi_x, phi_wrong).mean()
                  + lw.lambda_rev * l1(x, out.x_hat))
         if lw.lambda_sep:
             total = total + lw.lambda_sep * separation_loss(x, out.x_hat, out.x_wrong, lw.sep_margin)
         if lw.lambda_med:
             total = total + lw.lambda_med * (f_med.float() - self.Med(out.x_enc).float()).square().mean()
         if lw.lambda_gan:
-            fakes = torch.cat([out.x_enc, out.x_hat, out.x_wrong])
             total = total + lw.lambda_gan * F.softplus(-self.D(fakes).float()).mean()
         self.g_opt.zero_grad(set_to_none=True)
         total.backward()

@@ -48,6 +48,7 @@ from PIL import Image
 from deid_jax import medical_encoder as med_lib
 from deid_jax import passwords
 from deid_jax.model import DeidConfig, MedSemDeID
+from mema_jax.core.compile import jit, use_persistent_cache
 from mema_jax.errors import InputError
 from mema_jax.fileio import atomic_file, atomic_write_bytes, write_png
 from mema_jax.models import param_tree, weights
@@ -146,7 +147,7 @@ def _deidentify(config, params, med_params, med_apply, x, password):
             f_med = med_apply(med_params, x) if config.med_channels else None
             return model.apply({"params": params}, x, f_med, password, method=MedSemDeID.deidentify)
 
-        _COMPILED[key] = jax.jit(run)
+        _COMPILED[key] = jit(run)
     return _COMPILED[key](params, med_params, x, password)
 
 
@@ -154,7 +155,7 @@ def _recover(config, params, encrypted, password):
     key = ("recover", config)
     if key not in _COMPILED:
         model = MedSemDeID(config)
-        _COMPILED[key] = jax.jit(lambda p, e, pw: model.apply({"params": p}, e, pw, method=MedSemDeID.recover))
+        _COMPILED[key] = jit(lambda p, e, pw: model.apply({"params": p}, e, pw, method=MedSemDeID.recover))
     return _COMPILED[key](params, encrypted, password)
 
 
@@ -414,6 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("--opaque-names", action="store_true", help="write outputs under random names ...")
             p.add_argument("--name-map", help="... and the original -> opaque name map to this CSV (required with it)")
     args = parser.parse_args(argv)
+    use_persistent_cache()
     try:
         if args.passphrase is not None:
             raise InputError("the passphrase is never taken from the command line (ps and the shell history show "

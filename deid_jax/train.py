@@ -29,6 +29,7 @@ from deid_jax.model import DeidConfig, MedSemDeID, PatchDiscriminator
 from deid_jax.passwords import random_passwords
 from mema_jax.core import loop
 from mema_jax.core import train_state as ts
+from mema_jax.core.compile import jit
 from mema_jax.core.optim import make_optimizer
 from mema_jax.data import layout, pipeline, tfds_mema
 from mema_jax.fileio import atomic_folder, atomic_write_bytes
@@ -87,6 +88,11 @@ def identity_inputs(images, landmarks, crop: str):
     return jax.image.resize(images, (images.shape[0], INPUT_SIZE, INPUT_SIZE, 3), "linear", antialias=True)
 
 
+def _tiled(landmarks, times: int):
+    """Landmarks for a batch made of ``times`` copies of the batch (None stays None)."""
+    return None if landmarks is None else jnp.concatenate([landmarks] * times)
+
+
 def make_parts(config, med, identity):
     """The generator and discriminator modules and the loss of each."""
     cfg = deid_config(config, med)
@@ -113,10 +119,13 @@ def make_parts(config, med, identity):
         x, marks = batch["image"], batch.get("landmarks")
         out, f_med = forward(params, frozen, batch, rng)
         phi_x = jax.lax.stop_gradient(phi(frozen, x, marks))
+        fakes = jnp.concatenate([out.x_enc, out.x_hat, out.x_wrong])
+        # One ArcFace batch of 3B for the three outputs (the same values as three calls; one pass).
+        phi_enc, phi_hat, phi_wrong = jnp.split(phi(frozen, fakes, _tiled(marks, 3)), 3)
         terms = {
-            "deid": losses.deid_loss(phi_x, phi(frozen, out.x_enc, marks)),
-            "rev_id": losses.rev_id_loss(phi_x, phi(frozen, out.x_hat, marks)),
-            "wrong": losses.wrong_loss(phi_x, phi(frozen, out.x_wrong, marks)),
+            "deid": losses.deid_loss(phi_x, phi_enc),
+            "rev_id": losses.rev_id_loss(phi_x, phi_hat),
+            "wrong": losses.wrong_loss(phi_x, phi_wrong),
             "rev": losses.rev_loss(x, out.x_hat),
         }
         total = terms["deid"] + terms["rev_id"] + terms["wrong"] + lw.lambda_rev * terms["rev"]
@@ -127,7 +136,6 @@ def make_parts(config, med, identity):
             terms["med"] = losses.med_loss(jax.lax.stop_gradient(f_med), med.apply(frozen["med"], out.x_enc))
             total = total + lw.lambda_med * terms["med"]
         if lw.lambda_gan:
-            fakes = jnp.concatenate([out.x_enc, out.x_hat, out.x_wrong])
             terms["gan"] = losses.generator_gan_loss(discriminator.apply({"params": params["discriminator"]}, fakes))
             total = total + lw.lambda_gan * terms["gan"]
         terms["psnr_rec"] = jnp.mean(losses.psnr(out.x_hat, x))
@@ -173,7 +181,7 @@ def make_evaluator(config, generator, phi, med, dataset, mesh, rules, params_sha
             result["med_l2"] = jnp.mean(jnp.square(f_med - med.apply(frozen["med"], out.x_enc)), axis=(1, 2, 3))
         return {k: jnp.mean(v) for k, v in result.items()}
 
-    run = loop.in_mesh(jax.jit(metrics, in_shardings=(params_shardings, frozen_shardings,
+    run = loop.in_mesh(jit(metrics, in_shardings=(params_shardings, frozen_shardings,
                                                        {k: batch_shardings[k] for k in keys}, None)), mesh, rules)
 
     def evaluate(state):
@@ -209,6 +217,32 @@ def export(workdir: Path, cfg: DeidConfig, config, med, params) -> Path:
     return out
 
 
+def parameter_groups(config, med, generator, discriminator, g_loss, d_loss, total_steps: int):
+    """(init_params(rng) -> params, optimizers, losses) of the step's parameter groups: the
+    generator, and the discriminator when ``loss.lambda_gan`` > 0, each with its own Adam."""
+    cfg, size = generator.config, config.data.image_size
+
+    def init_params(rng):
+        r_g, r_d = jax.random.split(rng)
+        x = jnp.zeros((1, size, size, 3))
+        p = jnp.zeros((1, cfg.password_dim))
+        f_med = None
+        if cfg.med_channels:
+            f_med = jax.eval_shape(med.apply, med.params, x)
+            f_med = jnp.zeros(f_med.shape, f_med.dtype)
+        params = {"generator": generator.init(r_g, x, f_med, p, p)["params"]}
+        if config.loss.lambda_gan:
+            params["discriminator"] = discriminator.init(r_d, x)["params"]
+        return params
+
+    tx = {"generator": make_optimizer(config.optim, total_steps)}
+    loss_fns = {"generator": g_loss}
+    if config.loss.lambda_gan:
+        tx["discriminator"] = make_optimizer(config.optim_discriminator, total_steps)
+        loss_fns["discriminator"] = d_loss
+    return init_params, tx, loss_fns
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir = Path(workdir)
     mesh, rules = loop.mesh_and_rules(config)
@@ -224,25 +258,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         frozen["med"] = med.params
     frozen, frozen_shardings = ts.place_frozen(frozen, mesh, rules, loop.replicated_warning_bytes(config))
 
-    def init_params(rng):
-        r_g, r_d = jax.random.split(rng)
-        x = jnp.zeros((1, size, size, 3))
-        p = jnp.zeros((1, cfg.password_dim))
-        f_med = None
-        if cfg.med_channels:
-            f_med = jax.eval_shape(med.apply, med.params, x)
-            f_med = jnp.zeros(f_med.shape, f_med.dtype)
-        params = {"generator": generator.init(r_g, x, f_med, p, p)["params"]}
-        if config.loss.lambda_gan:
-            params["discriminator"] = discriminator.init(r_d, x)["params"]
-        return params
-
-    use_gan = bool(config.loss.lambda_gan)
-    tx = {"generator": make_optimizer(config.optim, config.total_steps)}
-    loss_fns = {"generator": g_loss}
-    if use_gan:
-        tx["discriminator"] = make_optimizer(config.optim_discriminator, config.total_steps)
-        loss_fns["discriminator"] = d_loss
+    init_params, tx, loss_fns = parameter_groups(config, med, generator, discriminator, g_loss, d_loss,
+                                                 config.total_steps)
     state_spec = ts.sharded_state(init_params, tx, mesh, rules, seed=config.seed,
                                   warn_replicated_bytes=loop.replicated_warning_bytes(config))
     shapes = {"image": (batch, size, size, 3), "label": (batch,), "severity": (batch,), "index": (batch,)}

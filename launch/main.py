@@ -70,6 +70,9 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
 
 def run(config, workdir: str, distributed: dict | None = None):
     """Runs ``config.trainer`` in this process (used directly by tests and by SLURM tasks)."""
+    from mema_jax.core.compile import use_persistent_cache
+
+    use_persistent_cache()  # a restarted or requeued run loads its programs instead of compiling them
     initialize_distributed(**(distributed or {}))
     module = importlib.import_module(config.trainer)
     if not hasattr(module, "train_and_evaluate"):
@@ -88,19 +91,26 @@ def run(config, workdir: str, distributed: dict | None = None):
 class SubmittedRun:
     """What submitit runs: ``run(config, workdir)``, checkpointed and requeued on preemption.
 
-    submitit calls ``checkpoint`` from its handler of SLURM's warning signal (and on timeout): the
-    loop saves the step it is at, then the same run is resubmitted and resumes from it."""
+    submitit's signal (USR2: SLURM's warning before the time limit or a preemption) is deferred to
+    the loop, which saves at the end of the step it is in and raises ``Preempted``; then submitit's
+    own handler runs: it calls ``checkpoint`` (the checkpoint is already written) and requeues the
+    job, which resumes from that step."""
 
     def __call__(self, config, workdir: str):
-        return run(config, workdir)
+        from mema_jax.core import preemption
+
+        preemption.defer(preemption.submitit_signal())
+        try:
+            return run(config, workdir)
+        except preemption.Preempted as e:
+            print(f"launch.main: {e}", flush=True)
+            preemption.run_deferred(e)  # submitit: checkpoint() + requeue + exit, for its own signal
+            raise
 
     def checkpoint(self, config, workdir: str):
         import submitit
 
-        from mema_jax.core import preemption
-
-        step = preemption.save_now()
-        print(f"launch.main: preempted; checkpointed step {step} in {workdir}; requeueing", flush=True)
+        print(f"launch.main: requeueing; the run resumes from its last checkpoint in {workdir}", flush=True)
         return submitit.helpers.DelayedSubmission(SubmittedRun(), config, workdir)
 
 

@@ -14,6 +14,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask sets it: a race with other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_folder(final: Path) -> Iterator[Path]:
     """Yields an empty temp folder beside ``final``; renames it to ``final`` if the block succeeds.
@@ -27,6 +40,9 @@ def atomic_folder(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         yield tmp
+        # mkdtemp makes 0700: give the output the mode a plain mkdir would (a cluster's shared group
+        # folder must be able to read it).
+        os.chmod(tmp, 0o777 & ~_umask())
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -43,6 +59,7 @@ def atomic_file(final: Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; open() would give 0666 & ~umask
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)

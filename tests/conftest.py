@@ -1,10 +1,25 @@
-"""Test-wide setup: 8 emulated CPU devices (set before jax is imported) and shared fixtures."""
+"""Test-wide setup: 8 emulated CPU devices (set before jax is imported), one XLA compilation cache
+for the whole run, and trained fixtures made once per run and shared by every xdist worker."""
+import fcntl
 import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# One persistent XLA compilation cache for the whole test run, shared by both xdist workers and by
+# every subprocess they start (they inherit the variables): a program compiled once (the tiny
+# classifier's step, run by a dozen launch.main tests) is loaded from disk afterwards.  The process
+# that starts the run makes a fresh one and removes it at the end, so no run depends on an earlier one.
+_OWN_XLA_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_XLA_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mema-jax-test-xla-cache-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 # The CUDA build of torch brings triton, whose native library crashes (SIGSEGV) when it is loaded
 # after tensorflow (clu's metric writers import it): `import tensorflow; import torch._dynamo` dies.
@@ -25,17 +40,54 @@ if str(REPO / "tests") not in sys.path:
     sys.path.append(str(REPO / "tests"))
 
 
+def skip_unless_required(reason: str) -> None:
+    """Skips a test whose environment cannot be had here (SLURM not installable, a wheel not
+    downloadable), with ``reason``; fails instead where MEMA_REQUIRE_ALL=1 (.ci/run sets it: CI has
+    everything, so there a skip would hide a broken install step)."""
+    if os.environ.get("MEMA_REQUIRE_ALL") == "1":
+        pytest.fail(f"required here (MEMA_REQUIRE_ALL=1): {reason}")
+    pytest.skip(reason)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: full-size checks (minutes); still run in CI")
 
 
+def pytest_sessionfinish(session, exitstatus):  # noqa: ARG001
+    if _OWN_XLA_CACHE:  # the process that made it (the xdist controller: workers inherit it)
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+def made_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """``<shared>/<name>``, built by ``build(folder)`` once per test run: the first xdist worker to
+    ask builds it, the others wait for it and reuse it.  A build that fails leaves nothing behind,
+    so the next request tries again.  (Built in place, not renamed: runs record their paths.)"""
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "made-once"
+    shared.mkdir(exist_ok=True)
+    folder, complete = shared / name, shared / f"{name}.complete"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not complete.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            try:
+                build(folder)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            complete.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def synth_dataset_32(tmp_path_factory):
-    """A small MeMa-Synth dataset at 32 px, rendered once per session."""
-    from mema_jax.data import synth
+    """A small MeMa-Synth dataset at 32 px, rendered once per test run (read-only for tests)."""
+    from mema_jax.data import layout, synth
 
-    root = tmp_path_factory.mktemp("mema_synth_32")
-    return synth.generate(root, synth.SynthSpec(num_images=160, images_per_identity=4, resolution=32, seed=0))
+    spec = synth.SynthSpec(num_images=160, images_per_identity=4, resolution=32, seed=0)
+    root = made_once(tmp_path_factory, "mema_synth_32", lambda folder: synth.generate(folder, spec))
+    return layout.read_dataset(root, verify_images=False)
 
 
 @pytest.fixture(scope="session")
@@ -61,36 +113,38 @@ def _launch_tiny(config: str, workdir: Path, data_root: Path, *overrides: str) -
            f"--config.data.root={data_root}", *overrides]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (workdir / "launch.stdout").write_text(result.stdout)
     return workdir
 
 
 @pytest.fixture(scope="session")
 def tiny_diffusion_model(tmp_path_factory, synth_dataset_32):
-    """A tiny pixel-space diffusion model trained in full on MeMa-Synth (configs/mema_lora.py:tiny),
-    its exported pipeline folder: the medical encoder's source."""
-    workdir = _launch_tiny("configs/mema_lora.py:tiny", tmp_path_factory.mktemp("diffusion"), synth_dataset_32.root,
-                           "--config.mode=full", "--config.eval_every=0")
+    """A tiny pixel-space diffusion model trained in full on MeMa-Synth (configs/mema_lora.py:tiny,
+    evaluated at steps 0, 12, 24, a sample grid at 24), its exported pipeline folder: the medical
+    encoder's source and the LoRA / IP-Adapter tests' base.  Once per test run."""
+    workdir = made_once(tmp_path_factory, "diffusion", lambda folder: _launch_tiny(
+        "configs/mema_lora.py:tiny", folder, synth_dataset_32.root, "--config.mode=full", "--config.sample.every=24"))
     return workdir / "model"
 
 
 @pytest.fixture(scope="session")
 def tiny_identity_backbone(tmp_path_factory, synth_dataset_32):
-    """A tiny ArcFace (configs/identity.py:tiny) trained on MeMa-Synth identities: backbone.pth."""
-    workdir = _launch_tiny("configs/identity.py:tiny", tmp_path_factory.mktemp("identity"), synth_dataset_32.root)
+    """A tiny ArcFace (configs/identity.py:tiny) trained on MeMa-Synth identities: backbone.pth.  Once per test run."""
+    workdir = made_once(tmp_path_factory, "identity", lambda folder: _launch_tiny(
+        "configs/identity.py:tiny", folder, synth_dataset_32.root))
     return workdir / "backbone.pth"
 
 
-TINY_DEID_STEPS = 300
+TINY_DEID_STEPS = 100  # learning has levelled off by 50 (measured: psnr_rec 9.6, 15.2, 14.0, 15.2, 15.3 at 0-100)
 
 
 @pytest.fixture(scope="session")
 def tiny_deid_run(tmp_path_factory, tiny_diffusion_model, tiny_identity_backbone, synth_dataset_32):
     """A tiny MedSem-DeID (configs/medsem_deid.py:tiny) trained TINY_DEID_STEPS steps on MeMa-Synth
     with the tiny medical encoder and ArcFace, evaluated at the start and the end: its workdir
-    (metrics.csv, model/)."""
-    return _launch_tiny("configs/medsem_deid.py:tiny", tmp_path_factory.mktemp("deid"), synth_dataset_32.root,
-                        f"--config.medical_encoder.source={tiny_diffusion_model}",
-                        f"--config.identity.weights={tiny_identity_backbone}",
-                        f"--config.total_steps={TINY_DEID_STEPS}", f"--config.eval_every={TINY_DEID_STEPS}",
-                        "--config.eval_at_start=true", f"--config.checkpoint_every={TINY_DEID_STEPS}",
-                        "--config.log_every=50")
+    (metrics.csv, model/).  Once per test run; tests only read it."""
+    return made_once(tmp_path_factory, "deid", lambda folder: _launch_tiny(
+        "configs/medsem_deid.py:tiny", folder, synth_dataset_32.root,
+        f"--config.medical_encoder.source={tiny_diffusion_model}", f"--config.identity.weights={tiny_identity_backbone}",
+        f"--config.total_steps={TINY_DEID_STEPS}", f"--config.eval_every={TINY_DEID_STEPS}",
+        "--config.eval_at_start=true", f"--config.checkpoint_every={TINY_DEID_STEPS}", "--config.log_every=50"))

@@ -65,11 +65,11 @@ def folder_digest(folder):
 
 
 @pytest.fixture(scope="module")
-def base_model(tmp_path_factory, synth_dataset_32):
-    """A tiny UNet trained in full (mode=full): the exported pipeline folder is the LoRA base."""
-    workdir = tmp_path_factory.mktemp("full")
-    result = launch(workdir, synth_dataset_32.root, "--config.mode=full", "--config.sample.every=24")
-    assert "exported full:" in result.stdout
+def base_model(tiny_diffusion_model):
+    """A tiny UNet trained in full (mode=full; conftest's run, shared): its workdir, whose exported
+    pipeline folder is the LoRA base."""
+    workdir = tiny_diffusion_model.parent
+    assert "exported full:" in (workdir / "launch.stdout").read_text()
     return workdir
 
 
@@ -92,13 +92,14 @@ def test_lora_lowers_the_denoising_loss_below_the_frozen_base_and_leaves_the_bas
     before = folder_digest(model)
     workdir = tmp_path / "lora"
     launch(workdir, synth_dataset_32.root, "--config.mode=lora", f"--config.model.pretrained={model}",
-           "--config.lora.rank=4", "--config.lora.alpha=8", "--config.total_steps=160", "--config.eval_every=80",
-           "--config.checkpoint_every=80", "--config.optim.lr=3e-3", "--config.ema_decay=0")
+           "--config.lora.rank=4", "--config.lora.alpha=8", "--config.total_steps=64", "--config.eval_every=64",
+           "--config.checkpoint_every=64", "--config.optim.lr=1e-2", "--config.ema_decay=0")
     mse = metric(workdir, "eval/denoise_mse")
-    assert mse[160] < 0.97 * mse[0], mse  # step 0 is the frozen base itself (LoRA up = 0)
+    # Step 0 is the frozen base itself (LoRA up = 0).  Measured: 0.553 -> 0.533 (0.963x) at step 60.
+    assert mse[64] < 0.97 * mse[0], mse
     assert folder_digest(model) == before
     # Only LoRA leaves were trained; the exported file is them, at scale alpha / r.
-    params = final_params(workdir, 160)
+    params = final_params(workdir, 64)
     assert {p.rsplit("/", 1)[-1] for p in lora.param_tree.flatten(params)} == {"lora_down", "lora_up"}
     unet, base = load_unet(model / "unet")
     adapter, scales = lora.load_lora(workdir / "lora" / "pytorch_lora_weights.safetensors", base, unet.config)
@@ -107,21 +108,33 @@ def test_lora_lowers_the_denoising_loss_below_the_frozen_base_and_leaves_the_bas
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_lora_step_on_8_devices_equals_one_device(base_model, tmp_path, synth_dataset_32):
-    args = ("--config.mode=lora", f"--config.model.pretrained={base_model / 'model'}", "--config.lora.rank=4",
-            "--config.total_steps=4", "--config.eval_every=0", "--config.ema_decay=0", "--config.batch_size=8")
-    launch(tmp_path / "one", synth_dataset_32.root, *args)
-    launch(tmp_path / "eight", synth_dataset_32.root, *args, "--config.mesh.data=2", "--config.mesh.fsdp=4", devices=8)
-    one, eight = final_params(tmp_path / "one", 4), final_params(tmp_path / "eight", 4)
+LORA = ("--config.mode=lora", "--config.lora.rank=4", "--config.eval_every=0", "--config.ema_decay=0.9",
+        "--config.grad_accum_steps=2")
+STRAIGHT_STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def straight_lora(base_model, tmp_path_factory, synth_dataset_32):
+    """One uninterrupted one-device LoRA run (EMA, gradient accumulation), checkpoints at every 4th
+    step all kept: the reference of the sharded and the killed runs."""
+    workdir = tmp_path_factory.mktemp("straight_lora")
+    launch(workdir, synth_dataset_32.root, *LORA, f"--config.model.pretrained={base_model / 'model'}",
+           f"--config.total_steps={STRAIGHT_STEPS}", "--config.checkpoint_every=4", "--config.keep_checkpoints=6")
+    return workdir
+
+
+def test_lora_step_on_8_devices_equals_one_device(base_model, straight_lora, tmp_path, synth_dataset_32):
+    launch(tmp_path / "eight", synth_dataset_32.root, *LORA, f"--config.model.pretrained={base_model / 'model'}",
+           "--config.total_steps=4", "--config.mesh.data=2", "--config.mesh.fsdp=4", devices=8)
+    one, eight = final_params(straight_lora, 4), final_params(tmp_path / "eight", 4)
     # fp32: only the order of the batch and gradient reductions differs (~1e-7 measured).
     for a, b in zip(jax.tree.leaves(eight), jax.tree.leaves(one), strict=True):
         assert rel_err(np.asarray(a), np.asarray(b)) <= 1e-5
 
 
-def test_killed_lora_run_resumes_bit_for_bit(base_model, tmp_path, synth_dataset_32):
-    args = ("--config.mode=lora", f"--config.model.pretrained={base_model / 'model'}", "--config.lora.rank=4",
-            "--config.total_steps=24", "--config.eval_every=0", "--config.ema_decay=0.9", "--config.grad_accum_steps=2")
-    launch(tmp_path / "straight", synth_dataset_32.root, *args)
+def test_killed_lora_run_resumes_bit_for_bit(base_model, straight_lora, tmp_path, synth_dataset_32):
+    args = (*LORA, f"--config.model.pretrained={base_model / 'model'}", f"--config.total_steps={STRAIGHT_STEPS}",
+            "--config.checkpoint_every=4", "--config.keep_checkpoints=6")
     proc = launch(tmp_path / "killed", synth_dataset_32.root, *args, popen=True)
     for line in proc.stdout:
         if line.startswith("step 12/"):
@@ -131,8 +144,8 @@ def test_killed_lora_run_resumes_bit_for_bit(base_model, tmp_path, synth_dataset
     assert proc.returncode == -signal.SIGKILL
     restart = launch(tmp_path / "killed", synth_dataset_32.root, *args)
     assert "resumed from step" in restart.stdout
-    for a, b in zip(jax.tree.leaves(final_params(tmp_path / "killed", 24)),
-                    jax.tree.leaves(final_params(tmp_path / "straight", 24)), strict=True):
+    for a, b in zip(jax.tree.leaves(final_params(tmp_path / "killed", STRAIGHT_STEPS)),
+                    jax.tree.leaves(final_params(straight_lora, STRAIGHT_STEPS)), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 

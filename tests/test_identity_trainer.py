@@ -79,20 +79,27 @@ def test_sharded_step_equals_the_one_device_step(synth_dataset_32):
     config = tiny_config(synth_dataset_32.root)
     # Some gradients are zero in exact arithmetic (a bias right before a BatchNorm: fc.bias before
     # ``features``); Adam divides their rounding noise by itself into +-lr steps of random sign
-    # (measured 9e-5 relative on the weights after 3 steps with eps 1e-8). eps 1e-3 keeps that
-    # noise below 1e-5 lr, so what is compared is the sharding, not noise / noise.
-    config.optim.eps = 1e-3
+    # (measured 9e-5 relative on the weights after 3 steps with eps 1e-8, 4e-5 with eps 1e-3 once the
+    # convolutions are XLA's own, whose sums depend on the per-device batch). eps 0.1 keeps an update
+    # proportional to its gradient for the small ones, so what is compared is the sharding, not noise / noise.
+    config.optim.eps = 0.1
     results = []
     for mesh in (one_device()[0], shd.make_mesh({"data": 2, "fsdp": 4})):
         parts = identity.build(config, synth_dataset_32, mesh, shd.DEFAULT_RULES)
         results.append(run(parts, batches(parts, config, 3)))
     (s1, m1), (s8, m8) = results
     # Same arithmetic, another reduction order (batch statistics and gradients summed across 8
-    # devices). Measured: loss 2.5e-7, grad norm 4.6e-7, weights 6.5e-8, BatchNorm statistics 8.5e-8
-    # relative after 3 steps. Whole groups are compared: a running mean that is zero by symmetry
-    # (a residual sum of two zero-mean BatchNorm outputs) holds only rounding noise on either side.
+    # devices, convolutions on a per-device batch). Measured: loss <= 1.6e-6 at every step, grad norm
+    # 2.1e-6 at the first step (same weights), weights 3.7e-7 and BatchNorm statistics 5.5e-7 relative
+    # after 3 steps.  Later steps' gradient norm: the ArcFace margin (cos(theta + m)) has a
+    # derivative that grows without bound as cos(theta) -> 1, so the norm amplifies the 4e-7 weight
+    # difference ~100x (measured 3.5e-5): bounded at 1e-3, still far below a sharding error (a batch
+    # statistic or gradient averaged over the wrong devices is off by O(1) from the first step).
+    # Whole groups are compared: a running mean that is zero by symmetry (a residual sum of two
+    # zero-mean BatchNorm outputs) holds only rounding noise on either side.
+    assert rel_err(m8[0]["grad_norm"], m1[0]["grad_norm"]) <= FP32_TOL
     for a, b in zip(m1, m8):
-        assert rel_err(b["loss"], a["loss"]) <= FP32_TOL and rel_err(b["grad_norm"], a["grad_norm"]) <= FP32_TOL
+        assert rel_err(b["loss"], a["loss"]) <= FP32_TOL and rel_err(b["grad_norm"], a["grad_norm"]) <= 1e-3
     for group in ("backbone", "head", "batch_stats"):
         flat1, flat8 = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(s.params[group])]) for s in (s1, s8))
         assert rel_err(flat8, flat1) <= FP32_TOL, group

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, skip_unless_required
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
@@ -32,7 +32,7 @@ def slurm_env():
             started = subprocess.run(["bash", str(REPO / "tests" / "slurm" / "local_slurm.sh"), "start", str(STATE)],
                                      capture_output=True, text=True, timeout=600)
             if started.returncode == 3:
-                pytest.skip(started.stderr.strip())
+                skip_unless_required(started.stderr.strip())
             assert started.returncode == 0, started.stdout + started.stderr
     return env
 

@@ -193,24 +193,28 @@ def run(
     def due(every: int, step: int) -> bool:
         return bool(every) and (step % every == 0 or step == total)
 
-    current = {"state": state}
-
-    def save_current() -> int:
-        step_now = int(current["state"].step)
-        checkpointer.save(step_now, current["state"], data_iter, force=True)
-        checkpointer.manager.wait_until_finished()
-        return step_now
+    def stop_if_preempted(step: int, state) -> None:
+        """At a step boundary: if a signal asked for it (on any process), save ``step`` and raise."""
+        signum = preemption.requested_anywhere()
+        if signum is None:
+            return
+        if checkpointer.latest_step() != step:
+            checkpointer.save(step, state, data_iter, force=True)
+        checkpointer.close()
+        writer.flush()
+        preemption.clear()
+        raise preemption.Preempted(step, signum)
 
     preemption.install()
-    preemption.register_saver(save_current)
     eval_metrics: dict = {}
+    if start < total:
+        stop_if_preempted(start, state)  # asked during set-up or compilation
     if evaluate is not None and start == 0 and config.get("eval_at_start", False):
         eval_metrics = dict(evaluate(state))  # the starting point (e.g. a frozen base before LoRA)
         writer.write_scalars(0, eval_metrics)
     for step in range(start, total):
         batch = to_global(next(data_iter), batch_shardings)
-        state, metrics = train_step(state, batch, frozen)
-        current["state"] = state
+        state, metrics = train_step(state, batch, frozen)  # donates the previous state
         done = step + 1
         for action in actions:
             action(done)
@@ -223,15 +227,8 @@ def run(
             if due(callback.every, done):
                 callback.fn(done, state, writer)
         checkpointer.save(done, state, data_iter, force=done == total)
-        signal_name = preemption.requested()
-        if signal_name and done < total:
-            if checkpointer.latest_step() != done:
-                checkpointer.save(done, state, data_iter, force=True)
-            checkpointer.close()
-            writer.flush()
-            preemption.register_saver(None)
-            raise preemption.Preempted(done, signal_name)
-    preemption.register_saver(None)
+        if done < total:
+            stop_if_preempted(done, state)
     checkpointer.close()
     if on_finish is not None and int(state.step) == total:
         on_finish(state)

@@ -26,6 +26,7 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding
 
 from mema_jax.core import sharding as shd
+from mema_jax.core.compile import jit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +104,7 @@ def sharded_state(
     shd.warn_replicated(boxed.params, mesh, rules, warn_replicated_bytes)
     shardings = shd.tree_shardings(boxed, mesh, rules)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shd.unbox(boxed), shardings)
-    jitted = jax.jit(lambda r, *a: shd.unbox(boxed_state(r, *a)), out_shardings=shardings)
+    jitted = jit(lambda r, *a: shd.unbox(boxed_state(r, *a)), out_shardings=shardings)
     return ShardedState(shardings=shardings, abstract=abstract, init=lambda: jitted(rng, *init_args))
 
 
@@ -211,8 +212,9 @@ def make_train_step(
         return state.replace(step=state.step + 1, params=params, opt_state=opt_states if multi else opt_state,
                              ema_params=ema), metrics
 
-    jitted = jax.jit(
+    jitted = jit(
         step,
+        training=True,
         in_shardings=(state_shardings, batch_shardings, frozen_shardings),
         out_shardings=(state_shardings, shd.replicated(mesh)),
         donate_argnums=0,

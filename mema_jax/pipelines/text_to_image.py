@@ -33,6 +33,7 @@ import numpy as np
 from flax import linen as nn
 
 from mema_jax.core import sharding
+from mema_jax.core.compile import jit
 from mema_jax.fileio import write_png
 from mema_jax.models.convert_clip import load_clip_text, load_tokenizer, tokenize
 from mema_jax.models.convert_unet import load_unet
@@ -49,17 +50,17 @@ OUTPUT_TYPES = ("uint8", "float", "latent")
 # built from equal configs share the compiled code.
 
 
-@functools.partial(jax.jit, static_argnames=("text_encoder",))
+@functools.partial(jit, static_argnames=("text_encoder",))
 def _encode_text(text_encoder, params, ids):
     return text_encoder.apply({"params": params}, ids).last_hidden_state
 
 
-@functools.partial(jax.jit, static_argnames=("vae",))
+@functools.partial(jit, static_argnames=("vae",))
 def _decode_latents(vae, params, latents):
     return vae.apply({"params": params}, latents / vae.scaling_factor, method=AutoencoderKL.decode)
 
 
-@functools.partial(jax.jit, static_argnames=("unet", "use_guidance"))
+@functools.partial(jit, static_argnames=("unet", "use_guidance"))
 def _denoising_loop(unet, unet_params, latents, context, guidance_scale, state, ip_tokens=None, ip_scale=None, *,
                     use_guidance: bool):
     """All steps in one ``fori_loop``; ``context`` (and ``ip_tokens`` / ``ip_scale``) are

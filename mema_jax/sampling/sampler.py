@@ -42,6 +42,7 @@ import numpy as np
 from PIL import Image
 
 from mema_jax.core import sharding
+from mema_jax.core.compile import jit
 from mema_jax.data import captions, layout
 from mema_jax.errors import InputError
 from mema_jax.fileio import atomic_write_bytes, write_png
@@ -190,7 +191,7 @@ class Sampler:
                 batch = P(sharding.MESH_AXES[0])
                 specs = (P(), batch, batch, batch, P(), P(), batch if self.inject else None, batch if self.inject else None)
                 core = jax.shard_map(core, mesh=mesh, in_specs=specs, out_specs=batch, check_vma=False)
-            self._fns[key] = jax.jit(core)
+            self._fns[key] = jit(core)
         return self._fns[key]
 
 
@@ -222,7 +223,7 @@ def microbatch_images(unet, text_encoder, vae, use_guidance: bool, num_tokens: i
     return vae.apply({"params": params["vae"]}, latents / vae.scaling_factor, method=AutoencoderKL.decode)
 
 
-@functools.partial(jax.jit, static_argnames=("module",))
+@functools.partial(jit, static_argnames=("module",))
 def _embed(module, params, pixels):
     return module.apply({"params": params}, pixels).image_embeds
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -16,6 +15,7 @@ import optax
 
 from mema_jax.core import loop
 from mema_jax.core import train_state as ts
+from mema_jax.core.compile import jit
 from mema_jax.core.optim import make_optimizer
 from mema_jax.data import layout, pipeline, tfds_mema
 from mema_jax.models.resnet_classifier import ResNetClassifier
@@ -48,7 +48,7 @@ def make_evaluator(model, dataset, config, mesh, rules, params_shardings, batch_
     """``evaluate(state)``: top-1 disease accuracy (overall and per class) on ``config.eval_split``.
     The prediction function is compiled once, on the first call."""
     image_sharding = {"image": batch_shardings["image"]}
-    predict = loop.in_mesh(jax.jit(
+    predict = loop.in_mesh(jit(
         lambda p, images: jnp.argmax(model.apply({"params": p}, images)["disease"], -1),
         in_shardings=(params_shardings, batch_shardings["image"])), mesh, rules)
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -42,11 +41,12 @@ import numpy as np
 from mema_jax.core import loop
 from mema_jax.core import sharding as shd
 from mema_jax.core import train_state as ts
+from mema_jax.core.compile import jit
 from mema_jax.core.optim import make_optimizer
 from mema_jax.data import captions, layout, pipeline, tfds_mema
 from mema_jax.fileio import atomic_folder, atomic_write_bytes, write_png
 from mema_jax.models import ip_adapter, lora
-from mema_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionModelWithProjection
+from mema_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from mema_jax.models.convert_clip import load_clip_text, load_clip_vision, load_tokenizer, save_clip_text, tokenize
 from mema_jax.models.convert_unet import load_unet, save_unet
 from mema_jax.models.convert_vae import load_vae, save_vae
@@ -219,7 +219,7 @@ def make_evaluator(loss_fn, num_train_timesteps: int, dataset, config, mesh, rul
         return metrics["mse"]
 
     keys = ("image", "label")
-    run = loop.in_mesh(jax.jit(eval_mse, in_shardings=(params_shardings, frozen_shardings,
+    run = loop.in_mesh(jit(eval_mse, in_shardings=(params_shardings, frozen_shardings,
                                                         {k: batch_shardings[k] for k in keys}, None)), mesh, rules)
 
     def evaluate(state: ts.TrainState) -> dict:

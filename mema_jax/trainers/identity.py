@@ -35,6 +35,7 @@ from flax import linen as nn
 
 from mema_jax.core import loop
 from mema_jax.core import train_state as ts
+from mema_jax.core.compile import jit
 from mema_jax.core.optim import make_optimizer
 from mema_jax.data import layout, tfds_mema
 from mema_jax.models import face_align
@@ -224,7 +225,7 @@ def make_evaluator(backbone, source: FaceSource, config, mesh, rules, params_sha
     """``evaluate(state)``: verification accuracy and mean distances on ``config.eval_split``."""
     keys = ("image", "landmarks")
     shardings = {k: batch_shardings[k] for k in keys}
-    embed = loop.in_mesh(jax.jit(
+    embed = loop.in_mesh(jit(
         lambda p, images, points: backbone.apply({"params": p["backbone"], "batch_stats": p["batch_stats"]},
                                                  aligned_inputs(images, points), train=False),
         in_shardings=(params_shardings, shardings["image"], shardings["landmarks"])), mesh, rules)

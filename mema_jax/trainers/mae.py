@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 
 from mema_jax.core import loop
 from mema_jax.core import train_state as ts
+from mema_jax.core.compile import jit
 from mema_jax.core.optim import make_optimizer
 from mema_jax.data import pipeline, tfds_mema
 from mema_jax.models import vit
@@ -57,7 +58,7 @@ def eval_noise(seed: int, index, num_patches: int):
 def make_evaluator(model: vit.MAE, dataset, config, mesh, rules, params_shardings, batch_shardings):
     """``evaluate(state)``: the masked-patch loss on ``config.eval_split`` at fixed masks."""
     shardings = {k: batch_shardings[k] for k in ("image", "index")}
-    per_sample = loop.in_mesh(jax.jit(
+    per_sample = loop.in_mesh(jit(
         lambda p, images, index: model.apply({"params": p}, images,
                                              eval_noise(config.eval_mask_seed, index, model.config.num_patches))
         ["per_sample"], in_shardings=(params_shardings, shardings["image"], shardings["index"])), mesh, rules)

@@ -53,6 +53,10 @@ SlurmctldPort=${SLURMCTLD_PORT:-6817}
 SlurmdPort=${SLURMD_PORT:-6818}
 SlurmUser=root
 AuthType=auth/munge
+# A requeued job waits out its credential's lifetime before it may start again (default 120 s);
+# a short one, and a scheduler that looks every second, let the requeue tests see it at once.
+AuthInfo=cred_expire=5
+SchedulerParameters=sched_interval=1,bf_interval=1
 StateSaveLocation=$state/state
 SlurmdSpoolDir=$state/spool
 SlurmctldPidFile=$state/slurmctld.pid

@@ -2,6 +2,7 @@
 module used by the UNet transformer blocks, the VAE mid-block, and CLIP."""
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import struct
 
+from mema_jax.core.compile import trace_platform
 from mema_jax.core.sharding import constrain
 from mema_jax.models.layers.axes import IMAGE_AXES
 from mema_jax.models.layers.linear import dense
@@ -23,11 +25,17 @@ def check_attention_impl(impl: str) -> None:
         raise ValueError(f"unknown attention implementation {impl!r}; choose one of {ATTENTION_IMPLS}")
 
 
+# On CPU a score matrix of at least this many entries per (batch, head) is computed in query blocks.
+BLOCKED_MIN_SCORES = 512 * 512
+# ... of at most this many entries per block (2 MiB of float32: a core's L2 cache).
+BLOCK_SCORES = 1 << 19
+
+
 def dot_product_attention(query, key, value, *, impl: str = "xla", scale: float | None = None, mask=None):
     """softmax(q k^T * scale) v for q (B, Lq, H, D), k/v (B, Lk, H, D) -> (B, Lq, H, D).
 
-    ``impl="xla"``: plain einsums, logits and softmax in float32, probabilities cast back to the
-    value dtype (what torch's fused kernels do for half precision).
+    ``impl="xla"``: ``attention_xla`` (einsums, logits and softmax in float32, probabilities cast
+    to the value dtype, as torch's fused kernels do for half precision).
     ``impl="dot_product"``: ``jax.nn.dot_product_attention``; on GPU with fp16/bf16 it asks for the
     cuDNN flash kernel and falls back to XLA where cuDNN refuses the shape (the check happens at
     trace time); elsewhere it is the XLA implementation.
@@ -38,13 +46,9 @@ def dot_product_attention(query, key, value, *, impl: str = "xla", scale: float 
     model.  Products of bf16/fp16 numbers are exact in float32, so this equals upcasting q and k.
     """
     head_dim = query.shape[-1]
-    scale = head_dim**-0.5 if scale is None else scale
+    scale = head_dim**-0.5 if scale is None else float(scale)
     if impl == "xla":
-        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32) * scale
-        if mask is not None:
-            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-        return jnp.einsum("bhqk,bkhd->bqhd", probs, value)
+        return attention_xla(query, key, value, scale, mask)
     if impl == "dot_product":
         half = query.dtype in (jnp.bfloat16, jnp.float16)
         if half and jax.default_backend() == "gpu":
@@ -54,6 +58,95 @@ def dot_product_attention(query, key, value, *, impl: str = "xla", scale: float 
                 pass
         return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale)
     raise ValueError(f"unknown attention implementation {impl!r}; choose one of {ATTENTION_IMPLS}")
+
+
+def attention_xla(query, key, value, scale: float, mask=None):
+    """Attention in plain XLA ops, normalised after the value product, with its own gradient.
+
+    e = exp(s - max s), l = sum_k e, out = (e v) / l: the division runs on the (Lq, D) output
+    instead of the (Lq, Lk) probabilities, and the gradient (``_attention_bwd``) uses
+    sum_k dP * P = rowsum(dO * O) (an (Lq, D) product) instead of another pass over the scores.
+    The softmax is the same function (the max only shifts the exponent), so values equal the
+    textbook form up to float32 rounding.  One core, fp32, ms, textbook / this (torch SDPA):
+    small-UNet self-attention (2, 256, 8 heads x 4) forward 4.8 / 1.0 (0.7), with gradients 5.1 /
+    2.7 (2.3); SD1.5's at 16 x 16 latents (1, 256, 8 x 40) 1.5 / 1.0 (0.7), 6.0 / 3.1 (2.5).
+
+    Without gradients, on CPU, a score matrix of ``BLOCKED_MIN_SCORES`` or more per head is
+    computed one head and one block of queries at a time (``_blocked``), each block's scores in
+    the L2 cache: SD1.5 at 64 x 64 latents (1, 4096, 8 x 40) 1316 -> 238 ms (torch SDPA 157), the
+    VAE's mid-block at 512 px (1, 4096, 1 x 512) 247 -> 222 ms.
+    """
+    return _attention(query, key, value, mask, scale)
+
+
+def _scores(query, key, scale, mask):
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    return logits
+
+
+def _attention_fwd(query, key, value, mask, scale):
+    logits = _scores(query, key, scale, mask)
+    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    total = jnp.sum(e, axis=-1, keepdims=True)  # (B, H, Lq, 1)
+    out = jnp.einsum("bhqk,bkhd->bhqd", e.astype(value.dtype), value, preferred_element_type=jnp.float32) / total
+    return jnp.transpose(out, (0, 2, 1, 3)).astype(value.dtype), (query, key, value, mask, e, total, out)
+
+
+def _attention_bwd(scale, residuals, d_out):
+    query, key, value, mask, e, total, out = residuals
+    g = jnp.transpose(d_out, (0, 2, 1, 3)).astype(jnp.float32) / total  # dO / l, (B, H, Lq, D)
+    d_value = jnp.einsum("bhqk,bhqd->bkhd", e, g)
+    d_probs = jnp.einsum("bhqd,bkhd->bhqk", g, value.astype(jnp.float32))  # dP / l
+    d_logits = e * (d_probs - jnp.sum(g * out, axis=-1, keepdims=True)) * scale  # P (dP - rowsum(dO O))
+    if mask is not None:
+        d_logits = jnp.where(mask, d_logits, 0.0)
+    d_query = jnp.einsum("bhqk,bkhd->bqhd", d_logits, key.astype(jnp.float32))
+    d_key = jnp.einsum("bhqk,bqhd->bkhd", d_logits, query.astype(jnp.float32))
+    return d_query.astype(query.dtype), d_key.astype(key.dtype), d_value.astype(value.dtype), None
+
+
+def _query_block(q_len: int, k_len: int) -> int | None:
+    """The largest divisor of ``q_len`` whose block of scores fits ``BLOCK_SCORES`` (None: no blocking)."""
+    if q_len * k_len < BLOCKED_MIN_SCORES:
+        return None
+    for block in range(min(q_len, max(1, BLOCK_SCORES // k_len)), 7, -1):
+        if q_len % block == 0:
+            return block
+    return None
+
+
+def _blocked(query, key, value, scale, block):
+    """Per head, per block of ``block`` queries (sequential loops: each block's scores stay in cache)."""
+    b, q_len, h, d = query.shape
+    k_len, dv = key.shape[1], value.shape[-1]
+    per_head = lambda x, n: jnp.transpose(x, (0, 2, 1, 3)).reshape(b * h, n, x.shape[-1])
+    queries = per_head(query, q_len).reshape(b * h, q_len // block, block, d)
+
+    def one_block(q, k, v):
+        logits = jnp.einsum("qd,kd->qk", q, k, preferred_element_type=jnp.float32) * scale
+        e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+        out = jnp.einsum("qk,kd->qd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return out / jnp.sum(e, axis=-1, keepdims=True)
+
+    def one_head(args):
+        q, k, v = args
+        return jax.lax.map(lambda qb: one_block(qb, k, v), q)
+
+    out = jax.lax.map(one_head, (queries, per_head(key, k_len), per_head(value, k_len)))
+    return jnp.transpose(out.reshape(b, h, q_len, dv), (0, 2, 1, 3)).astype(value.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(query, key, value, mask, scale):
+    block = _query_block(query.shape[1], key.shape[1]) if mask is None and trace_platform() == "cpu" else None
+    if block is not None:
+        return _blocked(query, key, value, scale, block)
+    return _attention_fwd(query, key, value, mask, scale)[0]
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 class Attention(nn.Module):

@@ -1,106 +1,131 @@
-"""How a 2-D NHWC convolution is lowered: ``lax.conv_general_dilated`` or im2col + one matmul.
+"""How a 2-D NHWC convolution is lowered: ``lax.conv_general_dilated`` or im2col + one matmul,
+chosen separately for the forward pass and for the gradients.
 
-XLA's CPU convolution is slow on small spatial maps with many channels: 3x3, 1280 channels at
-2x2 takes 8-30x longer than PyTorch's conv2d on one core, and up to 16x16 it stays 1.5-4x slower
-once the kernel has 640x640 channels or more (table below), while the same convolution as
-patches (pad + kh*kw strided slices concatenated on the channel axis) times one
-(kh*kw*in, out) matmul runs near PyTorch.  That is where the SD1.5 UNet spends its CPU time at
-small latents (its 1280-channel levels run at 1/4 and 1/8 of the latent).  On GPU/TPU the
-convolution goes to cuDNN / the TPU convolution unit, which im2col would only slow down (and
-its patches cost kh*kw times the input's memory), so there it is never used by default.
+XLA's CPU convolution (XLA's own Eigen kernel: ``mema_jax.core.compile`` keeps convolutions out of
+YNNPACK) is slow in two places, where the same convolution as patches (pad + kh*kw strided slices
+concatenated on the channel axis) times one (kh*kw*in, out) matmul is fast:
 
-Why XLA:CPU is slow there (jax 0.10.2, compiled HLO): when the map is smaller than the kernel
-(2x2 with a 3x3 kernel) the simplifier swaps the operands (``window={size=2x2 rhs_reversal}``)
-and adds a ``reverse`` of the whole kernel (~130-220 ms per 1280x1280 kernel), and the result
-runs on the generic (Eigen) convolution, 0.4-0.9 s per 1280-channel conv; from 4x4 up it is a
-YNNPACK convolution, which still re-reads large kernels while im2col's matmul streams them once.
-SD1.5 UNet forward, 16x16 latents, one core, calls interleaved with diffusers: 9.2 s with
-"xla", 1.6 s with "auto", diffusers 1.7 s.
+  * maps smaller than the kernel (2x2 with a 3x3 kernel): the simplifier swaps the operands
+    (``window={size=2x2 rhs_reversal}``), reverses the whole kernel and runs a generic
+    convolution: 3x3, 1280 channels at 2x2, one core: 227 ms vs 10 ms as im2col (PyTorch 7 ms).
+    The SD1.5 UNet's 1280-channel levels run at 1/8 of the latent, 2x2 at 16x16 latents.
+  * gradients at batch 1-2 with up to 320 channels: the kernel gradient is a convolution whose
+    feature axis is the batch, and the input gradient of a strided convolution a convolution of
+    a zero-dilated input; as im2col both are matmuls (1.2-3.6x faster at every map size measured);
+  * gradients of large kernels on few output rows (the SD1.5 UNet's 1280-channel levels): the
+    input gradient transposes the whole kernel in memory first (an SD1.5 LoRA step spent 1.7 s of
+    3.9 in such copies); im2col's is one matmul with the kernel as it is (2.5-8x faster).
+
+Elsewhere ``lax.conv`` is as fast or faster (large maps: im2col's patches cost kh*kw times the
+input's memory traffic), and on GPU/TPU the convolution goes to cuDNN / the TPU convolution unit,
+which im2col would only slow down, so there it is never used by default.
 
 ``conv_impl``:
   * ``"xla"``: always ``lax.conv_general_dilated``;
   * ``"im2col"``: always patches + matmul (any backend; for tests and measurements);
-  * ``"auto"`` (default): im2col when the computation is traced for the CPU backend, the kernel
-    is larger than 1x1 or strided, and the output map (H_out * W_out per image) has at most
-    ``AUTO_IM2COL_MAX_PIXELS`` pixels, or, when the conv is strided or its kernel has at least
-    ``AUTO_IM2COL_LARGE_KERNEL`` elements, the whole output (batch * H_out * W_out, the rows of
-    the matmul) has at most ``AUTO_IM2COL_LARGE_MAX_ROWS``; ``lax.conv_general_dilated``
-    otherwise.
+  * ``"auto"`` (default): on CPU, per direction (``choose_conv_impl``), for kernels larger than
+    1x1 or strided (a 1x1 stride-1 convolution: ``lax.conv``, but im2col's gradients for a large
+    kernel on few rows, as below):
+      forward:   im2col if the output map (H_out * W_out per image) has at most
+                 ``AUTO_TINY_MAP`` pixels, or at most ``AUTO_FORWARD_MAX_PIXELS`` with a kernel
+                 of at most ``AUTO_SMALL_KERNEL`` elements and at most ``AUTO_FORWARD_MAX_ROWS``
+                 output rows (batch * pixels);
+      gradients: im2col if the output map has at most ``AUTO_TINY_MAP`` pixels, or a larger kernel
+                 has at most ``AUTO_BACKWARD_LARGE_KERNEL_MAX_ROWS`` output rows, or the kernel has
+                 at most ``AUTO_SMALL_KERNEL`` elements and either the batch is at most
+                 ``AUTO_BACKWARD_MAX_BATCH`` with at most ``AUTO_BACKWARD_MAX_PATCHES`` patch
+                 elements (rows * kh * kw * in), or the map has at most
+                 ``AUTO_BACKWARD_SMALL_MAP`` pixels and the batch at most
+                 ``AUTO_BACKWARD_SMALL_MAP_BATCH``;
+    ``lax.conv_general_dilated`` otherwise.  When the two differ, the convolution is a
+    ``jax.custom_vjp`` whose forward runs one lowering and whose gradients are those of the other
+    (the same function: only the summation order differs).
 
-Both give the same values up to fp32 summation order (tests/test_conv_lowering.py), and both
-differentiate (the im2col gradients are a matmul and the transposes of pad/slice/concatenate).
+A x2 nearest-neighbour upsample followed by a 3x3 convolution (``Conv(..., upsample=2)``, the
+Upsample2D of the UNet, the VAE and MedSem-DeID's decoder) is, with ``impl="auto"`` on CPU and at
+least ``AUTO_FOLD_MIN_ROWS`` input rows (batch * pixels of the map before the upsample), folded:
+output pixel (2i + p, 2j + q) only sees input rows (i - 1, i) for p = 0 and (i, i + 1) for p = 1
+(and the same for columns), so the four output phases are four 2x2 convolutions of the map before
+the upsample, with kernels summed from the 3x3 one, interleaved.  16 multiply-adds per input pixel
+and channel pair instead of 36, and no upsampled copy of the input (nor its transposed copy for the
+kernel gradient); below that size, and on GPU/TPU (not measured there), the upsample is done first.
+
+All lowerings give the same values up to fp32 summation order (tests/test_conv_lowering.py).
 Dilated, grouped or non-NHWC convolutions, and paddings other than non-negative pairs / "SAME" /
 "VALID", always use ``lax.conv_general_dilated``.
 
-The backend is read when the function is traced: ``jax.config.jax_default_device``'s platform if
-one is set, else ``jax.default_backend()``.  A function already compiled keeps the lowering it
-was traced with, so change the default (``set_default_conv_impl`` / ``default_conv_impl``) before
-tracing.
+The backend is read when the function is traced (``mema_jax.core.compile.trace_platform``).  A
+function already compiled keeps the lowering it was traced with, so change the default
+(``set_default_conv_impl`` / ``default_conv_impl``) before tracing.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from jax import lax
 
+from mema_jax.core.compile import trace_platform
+
 CONV_IMPLS = ("auto", "xla", "im2col")
 
-# The "auto" thresholds (CPU only).  Measured with ``benchmarks/bench_unet.py --conv-shapes`` on
-# one core of a shared 2-core Xeon (load 5-15, so absolute figures are contended; the lowerings
-# and PyTorch take turns call by call, so their ratios much less), jax 0.10.2, torch 2.14, fp32,
-# 3x3, padding 1, minimum of 5 calls; ms, lax.conv / im2col (x: lax.conv time / im2col time,
-# > 1 im2col faster), forward and forward+backward (gradients w.r.t. input and kernel), and
-# PyTorch conv2d.  Stride 1, batch 1, in = out channels unless IN:OUT or b=:
+# The "auto" thresholds (CPU only), from ``python benchmarks/bench_unet.py --conv-shapes`` (one core
+# of a quiet 2-core Xeon, AVX-512, jax 0.10.2 with core/compile's options, torch 2.14, fp32, 3x3,
+# padding 1, minimum of 3 calls; in = out channels), ms, lax.conv / im2col (PyTorch conv2d):
 #
-#   out map  channels         fwd xla / im2col      fwd+bwd xla / im2col    PyTorch fwd | fwd+bwd
-#   2x2      320              8.2 / 0.62  (13x)     24   / 2.1   (11x)      0.96 | 4.1
-#   2x2      640              50  / 3.5   (14x)     126  / 17    (7.3x)     3.0  | 22
-#   2x2      1280             504 / 41    (12x)     1210 / 112   (11x)      15   | 113
-#   2x2      32..128, b=2     2-14x                 3-15x                   (< 1.2 ms)
-#   4x4      320              0.53 / 0.47 (1.1x)    8.2  / 2.0   (4.1x)     0.55 | 4.6
-#   4x4      640              13  / 3.8   (3.4x)    30   / 7.4   (4.1x)     2.6  | 9.0
-#   4x4      1280             55  / 24    (2.4x)    317  / 126   (2.5x)     9.6  | 111
-#   4x4      32..128, b=2     0.7-1.0x              0.7-1.3x                (< 1.4 ms)
-#   8x8      320              3.5 / 2.2   (1.6x)    19   / 10    (1.8x)     1.8  | 17
-#   8x8      640              23  / 17    (1.35x)   119  / 38    (3.1x)     17   | 81
-#   8x8      1280             161 / 73    (2.2x)    541  / 185   (2.9x)     136  | 429
-#   8x8      2560:1280        193 / 86    (2.2x)    1544 / 406   (3.8x)     139  | 840
-#   8x8      32..128, b=2     0.7-1.4x              0.7-1.2x                (< 2 ms)
-#   16x16    320              10  / 11    (0.89x)   30   / 23    (1.3x)     8.8  | 24
-#   16x16    640              42  / 38    (1.1x)    250  / 141   (1.8x)     30   | 169
-#   16x16    960:640          105 / 88    (1.2x)    325  / 161   (2.0x)     70   | 180
-#   16x16    1920:640         200 / 160   (1.25x)   628  / 378   (1.7x)     148  | 524
-#   16x16    1280             274 / 176   (1.6x)    1111 / 580   (1.9x)     222  | 734
-#   16x16    2560:1280        749 / 490   (1.5x)    2431 / 1019  (2.4x)     509  | 1325
-#   16x16    640, b=2         104 / 92    (1.13x)   382  / 300   (1.3x)
-#   16x16    1280, b=2        1308 / 932  (1.4x)    1869 / 1173  (1.6x)
-#   16x16    640 / 1280, b=4  0.85x / 0.93x         1.14x / 1.4x
-#   16x16    32..128, b=2     0.6-1.0x              0.4-0.5x
-#   32x32    320              64  / 74    (0.87x)   127  / 123   (1.03x)    39   | 94
-#   32x32    640              157 / 217   (0.72x)   770  / 627   (1.23x)    115  | 459
-#   32x32    1280             729 / 598   (1.2x)    2485 / 1828  (1.4x)     492  | 2024
-#   32x32    1920:640         304 / 354   (0.86x)   973  / 851   (1.14x)    192  | 656
-#   32x32    32..128, b=2     0.3-0.5x              0.5-0.7x
-#   4x4, 8x8 320..1280, b=4   1.1-3.1x              1.5-2.7x
-#
-# Stride 2 (out map = half the input): im2col is as fast or faster up to a 16x16 output at every
-# channel count measured (32..1280), mostly in the backward pass (XLA's input gradient of a
-# strided conv is a dilated conv): out 8x8 @ 1280 68 / 26 ms fwd, 321 / 114 fwd+bwd; out 16x16
-# @ 1280 264 / 141, 830 / 467; @ 320 6.6 / 6.4, 26 / 17; @ 32..128 (b=2) 0.7-1.0x fwd, 1.2-4x
-# fwd+bwd; out 32x32 @ 320 36 / 32, 169 / 123, but @ 640 0.83x fwd.
-#
-# Hence: im2col for any channel count up to 8x8 per image (the small-channel 4x4 / 8x8 losses
-# are under 0.2 ms); for kernels of 3x3x640x640 and up, and for strided convs, up to 512 output
-# rows (batch * pixels: 16x16 at batch 1-2, 8x8 at batch 4-8), where they gain forward and
-# backward; lax.conv above (at 1024 rows the forward is even or slower, only the backward gains).
-AUTO_IM2COL_MAX_PIXELS = 64
-AUTO_IM2COL_LARGE_MAX_ROWS = 512
-AUTO_IM2COL_LARGE_KERNEL = 9 * 640 * 640
+#   stride 1, batch 1     forward                        forward + gradients (input and kernel)
+#   2x2 @ 320 / 1280      2.33 / 0.24 (0.40); 227 / 10   5.73 / 1.56 (1.45); 514 / 165 (48)
+#   4x4 @ 320 / 1280      0.32 / 0.29; 5.8 / 5.9         2.32 / 1.82 (1.54); 118 / 164 (50)
+#   8x8 @ 128 / 640       0.17 / 0.14; 2.4 / 2.5         0.78 / 0.53 (0.84); 16.7 / 32.0 (16.2)
+#   16x16 @ 64 / 320      0.21 / 0.21; 2.4 / 2.6         0.95 / 0.56 (0.89); 10.5 / 8.95 (8.8)
+#   16x16 @ 640           9.4 / 10.0                     41.5 / 56.6 (39.8)
+#   32x32 @ 32 / 320      0.20 / 0.29; 9.2 / 10.9        1.40 / 0.76 (0.94); 38.1 / 34.9 (31.7)
+#   64x64 @ 64 / 128      1.9 / 2.9; 6.3 / 9.5           12.0 / 9.8 (6.5); 32.1 / 30.5 (21.8)
+#   64x64 @ 320           39 / 74                        149 / 178 (138)
+#   stride 1, batch 8
+#   2x2 @ 128 / 1280      2.1 / 0.11; 1679 / 15          3.9 / 0.39; 3264 / 180 (141)
+#   4x4 @ 32 / 320        0.05 / 0.04; 1.28 / 1.27       0.16 / 0.11 (0.41); 5.05 / 4.76 (5.51)
+#   8x8 @ 64 / 320        0.31 / 0.35; 4.7 / 5.2         0.94 / 1.21 (1.13); 15.6 / 17.4 (16.5)
+#   16x16 @ 32 / 320      0.34 / 0.52; 18 / 32           1.03 / 1.47 (1.23); 59 / 80 (62)
+#   64x64 @ 32            4.5 / 27                       14.5 / 48 (17.1)
+#   stride 2, batch 1 (map: the input's side)
+#   8x8 @ 128 / 1280      0.08 / 0.06; 6.6 / 5.8         0.49 / 0.30 (0.50); 120 / 160 (131)
+#   32x32 @ 32 / 320      0.08 / 0.08; 2.4 / 2.6         0.66 / 0.18 (0.63); 13.5 / 9.0 (10.3)
+#   64x64 @ 128 / 640     1.7 / 2.2; 38 / 53             11.9 / 7.2 (8.6); 166 / 160 (160)
+#   stride 2, batch 8: (64x64 @ 32 -> 64) 1.84 / 7.33, 7.22 / 13.1 (8.4)
+AUTO_TINY_MAP = 4
+AUTO_SMALL_KERNEL = 9 * 320 * 320
+AUTO_FORWARD_MAX_PIXELS = 64
+AUTO_FORWARD_MAX_ROWS = 256
+AUTO_BACKWARD_MAX_BATCH = 2
+AUTO_BACKWARD_MAX_PATCHES = 1 << 22
+AUTO_BACKWARD_SMALL_MAP = 16
+AUTO_BACKWARD_SMALL_MAP_BATCH = 16
+# Gradients of large kernels (more than AUTO_SMALL_KERNEL elements) in a training step (YNNPACK dots,
+# mema_jax.core.compile): lax.conv's input gradient transposes the whole kernel in memory, im2col's
+# is one matmul.  ms, lax.conv / im2col (PyTorch), input gradient; input and kernel gradients:
+#   b1 4x4 @ 1280       87 / 17 (12);   132 / 47 (43)      b1 4x4 @ 2560:1280  326 / 41 (130)
+#   b1 8x8 @ 1280       89 / 36 (82);   143 / 74 (150)     b2 4x4 @ 1280       88 / 25 (67)
+#   b1 8x8 @ 640        10.2 / 8.5;     17.8 / 13.0        b2 8x8 @ 640        15.1 / 14.7; 25.6 / 21.1
+#   b1 16x16 @ 640      25.9 / 25.8;    42.9 / 38.6        b8 8x8 @ 640        49.8 / 52.1; 74.4 / 79.6
+AUTO_BACKWARD_LARGE_KERNEL_MAX_ROWS = 256
+# x2 upsample + 3x3 convolution, folded vs upsample-then-convolution (both with the lowerings above)
+# (PyTorch interpolate + conv2d), ms, one core, input map before the upsample:
+#   forward    b1 256x256 128->64  201 / 393 (406)     b1 128x128 256->128  158 / 312 (315)
+#              b1 64x64 320        90 / 199 (207)      b1 32x32 640         123 / 203 (222)
+#              b1 32x32 128        4.0 / 8.1 (10.1)    b1 16x16 1280        231 / 193 (221)
+#   + grads    b24 32x32 64->32    75 / 161 (168)      b24 16x16 128->64    48 / 97 (100)
+#              b1 32x32 640        534 / 752 (627)     b2 16x16 64          4.4 / 5.7 (4.5)
+#              b8 8x8 128          12.8 / 14.1 (13.7)  b1 16x16 320         61 / 45 (44)
+#              b2 8x8 64           2.4 / 1.6 (1.5)     b1 8x8 1280          1056 / 193 (296)
+AUTO_FOLD_MIN_ROWS = 512
+DIRECTIONS = ("forward", "backward")
 
 _default_impl = "auto"
 
@@ -133,16 +158,6 @@ def default_conv_impl(impl: str) -> Iterator[None]:
         set_default_conv_impl(previous)
 
 
-def trace_backend() -> str:
-    """The platform the computation being traced will run on, as far as the config tells."""
-    device = jax.config.jax_default_device
-    if device is not None and not isinstance(device, str):
-        return device.platform
-    if isinstance(device, str):
-        return device
-    return jax.default_backend()
-
-
 def explicit_padding(padding, input_hw: Sequence[int], kernel_hw: Sequence[int],
                      strides: Sequence[int]) -> tuple[tuple[int, int], ...] | None:
     """``padding`` as (lo, hi) pairs for the two spatial axes: explicit pairs as given, "VALID",
@@ -164,25 +179,39 @@ def output_size(size: int, k: int, stride: int, pad: tuple[int, int]) -> int:
 
 
 def choose_conv_impl(impl: str, input_shape: Sequence[int], kernel_shape: Sequence[int],
-                     strides: Sequence[int], padding, backend: str | None = None) -> str:
-    """"xla" or "im2col" for an NHWC input and HWIO kernel under ``impl`` (see the module doc)."""
+                     strides: Sequence[int], padding, backend: str | None = None, direction: str = "forward") -> str:
+    """"xla" or "im2col" for an NHWC input and HWIO kernel under ``impl``, for the forward pass or for
+    the gradients (``direction="backward"``); see the module doc."""
     impl = check_conv_impl(impl)
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     if impl != "auto":
         return impl
-    backend = trace_backend() if backend is None else backend
+    backend = trace_platform() if backend is None else backend
     if backend != "cpu":
         return "xla"
     kh, kw = kernel_shape[:2]
-    if kh == kw == 1 and tuple(strides) == (1, 1):
-        return "xla"  # already one matmul in XLA (and im2col would be the same matmul)
     pads = explicit_padding(padding, input_shape[1:3], (kh, kw), strides)
     if pads is None:
         return "xla"
+    batch = input_shape[0]
     pixels = output_size(input_shape[1], kh, strides[0], pads[0]) * output_size(input_shape[2], kw, strides[1], pads[1])
-    if pixels <= AUTO_IM2COL_MAX_PIXELS:
+    small_kernel = int(np.prod(kernel_shape)) <= AUTO_SMALL_KERNEL
+    if kh == kw == 1 and tuple(strides) == (1, 1):
+        # Already one matmul in XLA, but its input gradient transposes a large kernel in memory first.
+        large_few = not small_kernel and batch * pixels <= AUTO_BACKWARD_LARGE_KERNEL_MAX_ROWS
+        return "im2col" if direction == "backward" and large_few else "xla"
+    if pixels <= AUTO_TINY_MAP:
         return "im2col"
-    large = tuple(strides) != (1, 1) or kh * kw * kernel_shape[2] * kernel_shape[3] >= AUTO_IM2COL_LARGE_KERNEL
-    return "im2col" if large and input_shape[0] * pixels <= AUTO_IM2COL_LARGE_MAX_ROWS else "xla"
+    if direction == "forward":
+        return "im2col" if (small_kernel and pixels <= AUTO_FORWARD_MAX_PIXELS
+                            and batch * pixels <= AUTO_FORWARD_MAX_ROWS) else "xla"
+    if not small_kernel:
+        return "im2col" if batch * pixels <= AUTO_BACKWARD_LARGE_KERNEL_MAX_ROWS else "xla"
+    patches = batch * pixels * kh * kw * kernel_shape[2]
+    few = batch <= AUTO_BACKWARD_MAX_BATCH and patches <= AUTO_BACKWARD_MAX_PATCHES
+    small_map = pixels <= AUTO_BACKWARD_SMALL_MAP and batch <= AUTO_BACKWARD_SMALL_MAP_BATCH
+    return "im2col" if small_kernel and (few or small_map) else "xla"
 
 
 def im2col_conv(x, kernel, strides: Sequence[int] = (1, 1), padding=((0, 0), (0, 0)), *,
@@ -230,17 +259,87 @@ def im2col_conv(x, kernel, strides: Sequence[int] = (1, 1), padding=((0, 0), (0,
     return out.reshape(batch, h_out, w_out, c_out)
 
 
+# Folding a x2 nearest upsample into a 3x3 / padding-1 convolution: output row 2i + p reads upsampled
+# rows 2i + p - 1 .. 2i + p + 1, i.e. input rows (i - 1, i, i) for p = 0 and (i, i, i + 1) for p = 1.
+# FOLD_TAPS[p] maps the 3 kernel rows onto the 2 input rows a phase reads; FOLD_PADS[p] pads for them.
+FOLD_TAPS = (np.array([[1, 0, 0], [0, 1, 1]], np.float32), np.array([[1, 1, 0], [0, 0, 1]], np.float32))
+FOLD_PADS = ((1, 0), (0, 1))
+
+
+def choose_upsample_fold(impl: str, input_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int],
+                         padding, backend: str | None = None) -> bool:
+    """Whether ``Conv(..., upsample=2)`` folds the upsample into the convolution (see the module doc)."""
+    if check_conv_impl(impl) != "auto" or tuple(kernel_shape[:2]) != (3, 3) or tuple(strides) != (1, 1):
+        return False
+    if explicit_padding(padding, [2 * s for s in input_shape[1:3]], (3, 3), strides) != ((1, 1), (1, 1)):
+        return False
+    backend = trace_platform() if backend is None else backend
+    return backend == "cpu" and input_shape[0] * input_shape[1] * input_shape[2] >= AUTO_FOLD_MIN_ROWS
+
+
+def upsample2x_nearest(x):
+    """NHWC ``x`` with every pixel repeated 2x2 (torch ``F.interpolate(scale_factor=2)``, nearest)."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def upsample2x_conv_folded(x, kernel, *, impl: str = "auto", precision: Any = None):
+    """``conv(upsample2x_nearest(x), kernel)`` for a 3x3 HWIO kernel with padding 1 on every side,
+    as four 2x2 convolutions of ``x`` (one per output phase, each lowered per ``impl``) interleaved."""
+    if tuple(kernel.shape[:2]) != (3, 3):
+        raise ValueError(f"folding takes a 3x3 kernel, got {kernel.shape[:2]}")
+    taps = [jnp.asarray(t, kernel.dtype) for t in FOLD_TAPS]
+    rows = []
+    for p in range(2):
+        phases = [conv_nhwc(x, jnp.einsum("ab,cd,bdio->acio", taps[p], taps[q], kernel, precision=lax.Precision.HIGHEST),
+                            (1, 1), (FOLD_PADS[p], FOLD_PADS[q]), impl=impl, precision=precision)
+                  for q in range(2)]
+        rows.append(jnp.stack(phases, axis=3))  # (B, H, W, q, O)
+    y = jnp.stack(rows, axis=2)  # (B, H, p, W, q, O)
+    batch, height, _, width, _, out = y.shape
+    return y.reshape(batch, 2 * height, 2 * width, out)
+
+
+def _lowered(impl: str, x, kernel, strides, padding, precision, preferred_element_type=None):
+    if impl == "im2col":
+        return im2col_conv(x, kernel, strides, padding, precision=precision,
+                           preferred_element_type=preferred_element_type)
+    return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    precision=precision, preferred_element_type=preferred_element_type)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _split_conv(x, kernel, strides, padding, forward: str, backward: str, precision):
+    """The convolution lowered as ``forward``, with the gradients of its ``backward`` lowering."""
+    return _lowered(forward, x, kernel, strides, padding, precision)
+
+
+def _split_conv_fwd(x, kernel, strides, padding, forward, backward, precision):
+    return _lowered(forward, x, kernel, strides, padding, precision), (x, kernel)
+
+
+def _split_conv_bwd(strides, padding, forward, backward, precision, residuals, d_out):
+    x, kernel = residuals
+    # The backward lowering's own forward output is unused here, so XLA drops it.
+    _, vjp = jax.vjp(lambda x, k: _lowered(backward, x, k, strides, padding, precision), x, kernel)
+    return vjp(d_out)
+
+
+_split_conv.defvjp(_split_conv_fwd, _split_conv_bwd)
+
+
 def conv_nhwc(x, kernel, strides: Sequence[int] = (1, 1), padding=((0, 0), (0, 0)), *, impl: str | None = None,
-              precision: Any = None):
-    """An NHWC / HWIO convolution lowered as ``impl`` says ("auto": ``choose_conv_impl``; None: the
-    module-wide default)."""
+              precision: Any = None, preferred_element_type: Any = None):
+    """An NHWC / HWIO convolution lowered as ``impl`` says ("auto": ``choose_conv_impl`` for the forward
+    pass and for the gradients; None: the module-wide default)."""
     strides = tuple(strides)
     impl = get_default_conv_impl() if impl is None else impl
-    if (choose_conv_impl(impl, x.shape, kernel.shape, strides, padding) == "im2col"
-            and explicit_padding(padding, x.shape[1:3], kernel.shape[:2], strides) is not None):
-        return im2col_conv(x, kernel, strides, padding, precision=precision)
-    return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                    precision=precision)
+    pads = explicit_padding(padding, x.shape[1:3], kernel.shape[:2], strides)
+    if pads is None:
+        return _lowered("xla", x, kernel, strides, padding, precision, preferred_element_type)
+    forward, backward = (choose_conv_impl(impl, x.shape, kernel.shape, strides, pads, direction=d) for d in DIRECTIONS)
+    if forward == backward or preferred_element_type is not None:
+        return _lowered(forward, x, kernel, strides, pads, precision, preferred_element_type)
+    return _split_conv(x, kernel, strides, pads, forward, backward, precision)
 
 
 def _is_nhwc(dimension_numbers) -> bool:
@@ -260,11 +359,20 @@ class _Lowering:
     None: the module-wide default (``get_default_conv_impl``) when the call is traced."""
 
     impl: str | None = None
+    upsample: int = 1  # 2: lhs is the map before a x2 nearest upsample (Conv(..., upsample=2))
 
     def __call__(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                  dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
                  preferred_element_type=None):
         impl = get_default_conv_impl() if self.impl is None else self.impl
+        if self.upsample == 2:
+            if not _is_nhwc(dimension_numbers) or lhs.ndim != 4:
+                raise ValueError("Conv(upsample=2) takes NHWC inputs")
+            if (choose_upsample_fold(impl, lhs.shape, rhs.shape, window_strides, padding)
+                    and preferred_element_type is None and feature_group_count == batch_group_count == 1
+                    and all(d == 1 for d in (lhs_dilation or (1, 1)) + tuple(rhs_dilation or (1, 1)))):
+                return upsample2x_conv_folded(lhs, rhs, impl=impl, precision=precision)
+            lhs = upsample2x_nearest(lhs)
         simple = (
             lhs.ndim == 4
             and _is_nhwc(dimension_numbers)
@@ -272,11 +380,10 @@ class _Lowering:
             and all(d == 1 for d in (rhs_dilation or (1, 1)))
             and feature_group_count == 1
             and batch_group_count == 1
-            and explicit_padding(padding, lhs.shape[1:3], rhs.shape[:2], window_strides) is not None
         )
-        if simple and choose_conv_impl(impl, lhs.shape, rhs.shape, window_strides, padding) == "im2col":
-            return im2col_conv(lhs, rhs, window_strides, padding, precision=precision,
-                               preferred_element_type=preferred_element_type)
+        if simple:
+            return conv_nhwc(lhs, rhs, window_strides, padding, impl=impl, precision=precision,
+                             preferred_element_type=preferred_element_type)
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                         feature_group_count=feature_group_count,
@@ -301,22 +408,31 @@ class Im2colLowering(_Lowering):
 
 
 LOWERINGS = {None: DefaultLowering, "auto": AutoLowering, "xla": XlaLowering, "im2col": Im2colLowering}
+# The same, for a convolution of the x2 nearest-upsampled input (one class each: flax compares them).
+UPSAMPLE2X_LOWERINGS = {impl: type(cls.__name__.replace("Lowering", "Upsample2xLowering"), (cls,), {"upsample": 2})
+                        for impl, cls in LOWERINGS.items()}
 
 
-def lowering_class(conv_impl: str | None) -> type[_Lowering]:
-    """The ``conv_general_dilated_cls`` for ``conv_impl`` (None: the module-wide default at trace time)."""
+def lowering_class(conv_impl: str | None, upsample: int = 1) -> type[_Lowering]:
+    """The ``conv_general_dilated_cls`` for ``conv_impl`` (None: the module-wide default at trace time),
+    of the input as it is (``upsample=1``) or upsampled x2 nearest first (``upsample=2``)."""
     if conv_impl is not None:
         check_conv_impl(conv_impl)
-    return LOWERINGS[conv_impl]
+    if upsample not in (1, 2):
+        raise ValueError(f"upsample must be 1 or 2, got {upsample!r}")
+    return (LOWERINGS if upsample == 1 else UPSAMPLE2X_LOWERINGS)[conv_impl]
 
 
-def Conv(features: int, kernel_size: Sequence[int], *, conv_impl: str | None = None, **kwargs) -> nn.Conv:  # noqa: N802
+def Conv(features: int, kernel_size: Sequence[int], *, conv_impl: str | None = None, upsample: int = 1,  # noqa: N802
+         **kwargs) -> nn.Conv:
     """A flax ``nn.Conv`` (same fields, same parameters: ``kernel`` (kh, kw, in, out) and ``bias``
     (out,)) whose convolution is lowered per ``conv_impl`` ("auto" / "xla" / "im2col"; None, the
-    default: the module-wide default when traced, see ``set_default_conv_impl``).
+    default: the module-wide default when traced, see ``set_default_conv_impl``).  ``upsample=2``:
+    the convolution of the input upsampled x2 (nearest, torch ``F.interpolate(scale_factor=2)``),
+    folded into it where that pays (module doc).
 
     It is an ``nn.Conv`` itself (only ``conv_general_dilated_cls`` is set), so parameter trees,
     names, converters and strict loaders see exactly what a plain ``nn.Conv`` gives."""
     if "conv_general_dilated" in kwargs or "conv_general_dilated_cls" in kwargs:
         raise TypeError("Conv sets conv_general_dilated_cls itself; pass conv_impl instead")
-    return nn.Conv(features, kernel_size, conv_general_dilated_cls=lowering_class(conv_impl), **kwargs)
+    return nn.Conv(features, kernel_size, conv_general_dilated_cls=lowering_class(conv_impl, upsample), **kwargs)

@@ -43,26 +43,29 @@ def conv2d(
     kernel_size: int = 3,
     *,
     stride: int = 1,
-    padding: int = 1,
+    padding: int | tuple[tuple[int, int], tuple[int, int]] = 1,
     use_bias: bool = True,
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     conv_impl: str | None = None,
+    upsample: int = 1,
     name: str | None = None,
 ) -> nn.Conv:
-    """A 2-D NHWC convolution with torch-style symmetric integer padding.  ``conv_impl``: how it is
-    lowered ("auto" / "xla" / "im2col"; None: the module-wide default, see
-    ``mema_jax.models.layers.conv.set_default_conv_impl``)."""
+    """A 2-D NHWC convolution with torch-style symmetric integer padding (or explicit (lo, hi) pairs
+    per spatial axis).  ``conv_impl``: how it is lowered ("auto" / "xla" / "im2col"; None: the
+    module-wide default, see ``mema_jax.models.layers.conv.set_default_conv_impl``).  ``upsample=2``:
+    of the input upsampled x2 nearest first (folded into the convolution where that pays)."""
     return Conv(
         features,
         (kernel_size, kernel_size),
         strides=(stride, stride),
-        padding=((padding, padding), (padding, padding)),
+        padding=((padding, padding), (padding, padding)) if isinstance(padding, int) else padding,
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), CONV_KERNEL_AXES),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
         conv_impl=conv_impl,
+        upsample=upsample,
         name=name,
     )

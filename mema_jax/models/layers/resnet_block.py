@@ -9,6 +9,7 @@ from flax import linen as nn
 
 from mema_jax.core.sharding import constrain
 from mema_jax.models.layers.axes import IMAGE_AXES
+from mema_jax.models.layers.conv import upsample2x_nearest
 from mema_jax.models.layers.linear import conv2d, dense
 from mema_jax.models.layers.norm import GroupNorm
 
@@ -54,9 +55,9 @@ class Downsample2D(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        if self.padding == 0:
-            x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        x = conv2d(self.out_channels, 3, stride=2, padding=self.padding, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        # The VAE's bottom/right pad goes to the convolution itself (no padded copy of the map).
+        padding = ((0, 1), (0, 1)) if self.padding == 0 else self.padding
+        x = conv2d(self.out_channels, 3, stride=2, padding=padding, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
         return constrain(x, IMAGE_AXES)
 
 
@@ -64,7 +65,7 @@ def upsample_nearest(x, size: tuple[int, int]):
     """torch ``F.interpolate(mode="nearest")`` to ``size`` on NHWC."""
     height, width = x.shape[1], x.shape[2]
     if size == (2 * height, 2 * width):
-        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return upsample2x_nearest(x)
     return x[:, _nearest_index(height, size[0])][:, :, _nearest_index(width, size[1])]
 
 
@@ -83,6 +84,10 @@ class Upsample2D(nn.Module):
     @nn.compact
     def __call__(self, x, size: tuple[int, int] | None = None):
         size = (2 * x.shape[1], 2 * x.shape[2]) if size is None else tuple(size)
-        x = upsample_nearest(x, size)
-        x = conv2d(self.out_channels, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        doubling = size == (2 * x.shape[1], 2 * x.shape[2])
+        if not doubling:
+            x = upsample_nearest(x, size)
+        # x2: the convolution takes the map before the upsample (folded into it where that pays).
+        x = conv2d(self.out_channels, upsample=2 if doubling else 1, name="conv", dtype=self.dtype,
+                   param_dtype=self.param_dtype)(x)
         return constrain(x, IMAGE_AXES)
