@@ -1,9 +1,10 @@
 # Two commands for a new user (see README):  make quickstart   |   make test
 # Each sets up what it needs in .venv first; re-running is quick when nothing changed.
+# --no-compile: Python byte-compiles only the modules it imports, on first use, not all of torch and TF.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip install -q --disable-pip-version-check
+PIP := $(PY) -m pip install -q --disable-pip-version-check --no-compile
 CORE_STAMP := $(VENV)/.core-installed
 ALL_STAMP := $(VENV)/.all-installed
 

@@ -60,7 +60,7 @@ PRESETS = {
               "identity": ("configs/identity.py:synth", ("--config.total_steps=100",)),
               "sample": "synth", "sample_args": ()},
     "tiny": {"data": "data/mema_synth_32_clinic_tiny", "public": "data/mema_synth_32_public_tiny", "resolution": 32,
-             "real_images": 240, "public_images": 24, "images": 8,
+             "real_images": 96, "public_images": 16, "images": 8,
              "unet": ("configs/mema_lora.py:tiny", ("--config.mode=full", "--config.eval_every=0")),
              "ip_adapter": ("configs/mema_lora.py:tiny", ("--config.total_steps=4", "--config.optim.warmup_steps=1")),
              "identity": ("configs/identity.py:tiny", ()),

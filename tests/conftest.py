@@ -64,8 +64,8 @@ def made_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Pat
     so the next request tries again.  (Built in place, not renamed: runs record their paths.)"""
     base = tmp_path_factory.getbasetemp()
     shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "made-once"
-    shared.mkdir(exist_ok=True)
     folder, complete = shared / name, shared / f"{name}.complete"
+    folder.parent.mkdir(parents=True, exist_ok=True)
     with open(shared / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not complete.exists():
@@ -103,48 +103,56 @@ def tiny_sd(tmp_path_factory):
     return folder, latents
 
 
-def _launch_tiny(config: str, workdir: Path, data_root: Path, *overrides: str) -> Path:
-    """Runs ``launch.main`` on one emulated device (a user's laptop run) and returns the workdir."""
+def _run_command(command: list[str], workdir: Path) -> Path:
+    """Runs a training command on one emulated device (a user's laptop run); its stdout goes to
+    ``workdir/launch.stdout``."""
     import subprocess
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("XLA_FLAGS", None)
-    cmd = [sys.executable, "-m", "launch.main", f"--config={config}", f"--workdir={workdir}",
-           f"--config.data.root={data_root}", *overrides]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (workdir / "launch.stdout").write_text(result.stdout)
     return workdir
 
 
+QUICKSTART_TRAINED_STAGES = ("unet", "identity", "deid")
+
+
+def _quickstart_stage(tmp_path_factory, stage: str, data_root: Path) -> Path:
+    """``<shared>/quickstart/<stage>``: the quickstart's tiny preset's ``stage`` (launch.pipeline.plan),
+    run by its own command once per test run.  These are the trained models the tests share, and
+    the quickstart test links them in as its cached stages."""
+    from launch.pipeline import plan
+
+    def build(folder: Path) -> None:
+        [command] = [cmd for name, cmd, _ in plan("tiny", folder.parent, str(data_root)) if name == stage]
+        _run_command(command, folder)
+
+    return made_once(tmp_path_factory, f"quickstart/{stage}", build)
+
+
 @pytest.fixture(scope="session")
 def tiny_diffusion_model(tmp_path_factory, synth_dataset_32):
     """A tiny pixel-space diffusion model trained in full on MeMa-Synth (configs/mema_lora.py:tiny,
-    evaluated at steps 0, 12, 24, a sample grid at 24), its exported pipeline folder: the medical
-    encoder's source and the LoRA / IP-Adapter tests' base.  Once per test run."""
-    workdir = made_once(tmp_path_factory, "diffusion", lambda folder: _launch_tiny(
-        "configs/mema_lora.py:tiny", folder, synth_dataset_32.root, "--config.mode=full", "--config.sample.every=24"))
-    return workdir / "model"
+    evaluated at steps 0, 12, 24, a sample grid at 24): the quickstart tiny preset's unet stage, its
+    exported pipeline folder.  The medical encoder's source and the LoRA / IP-Adapter tests' base."""
+    return _quickstart_stage(tmp_path_factory, "unet", synth_dataset_32.root) / "model"
 
 
 @pytest.fixture(scope="session")
 def tiny_identity_backbone(tmp_path_factory, synth_dataset_32):
-    """A tiny ArcFace (configs/identity.py:tiny) trained on MeMa-Synth identities: backbone.pth.  Once per test run."""
-    workdir = made_once(tmp_path_factory, "identity", lambda folder: _launch_tiny(
-        "configs/identity.py:tiny", folder, synth_dataset_32.root))
-    return workdir / "backbone.pth"
+    """A tiny ArcFace (configs/identity.py:tiny) trained on MeMa-Synth identities (the quickstart tiny
+    preset's identity stage): backbone.pth."""
+    return _quickstart_stage(tmp_path_factory, "identity", synth_dataset_32.root) / "backbone.pth"
 
 
-TINY_DEID_STEPS = 100  # learning has levelled off by 50 (measured: psnr_rec 9.6, 15.2, 14.0, 15.2, 15.3 at 0-100)
+TINY_DEID_STEPS = 40  # launch/pipeline.py's tiny preset
 
 
 @pytest.fixture(scope="session")
 def tiny_deid_run(tmp_path_factory, tiny_diffusion_model, tiny_identity_backbone, synth_dataset_32):
     """A tiny MedSem-DeID (configs/medsem_deid.py:tiny) trained TINY_DEID_STEPS steps on MeMa-Synth
-    with the tiny medical encoder and ArcFace, evaluated at the start and the end: its workdir
-    (metrics.csv, model/).  Once per test run; tests only read it."""
-    return made_once(tmp_path_factory, "deid", lambda folder: _launch_tiny(
-        "configs/medsem_deid.py:tiny", folder, synth_dataset_32.root,
-        f"--config.medical_encoder.source={tiny_diffusion_model}", f"--config.identity.weights={tiny_identity_backbone}",
-        f"--config.total_steps={TINY_DEID_STEPS}", f"--config.eval_every={TINY_DEID_STEPS}",
-        "--config.eval_at_start=true", f"--config.checkpoint_every={TINY_DEID_STEPS}", "--config.log_every=50"))
+    with the two models above, evaluated at the start and the end (the quickstart tiny preset's deid
+    stage): its workdir (metrics.csv, model/).  Tests only read it."""
+    return _quickstart_stage(tmp_path_factory, "deid", synth_dataset_32.root)

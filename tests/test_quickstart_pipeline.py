@@ -1,12 +1,14 @@
 """The whole pipeline (``python -m launch.pipeline``, the quickstart) at its tiny preset: every stage
-runs, the tables and the grid are written, and a second run does no training and rewrites nothing."""
+runs, the tables and the grid are written, and a second run does no training and rewrites nothing.
+Its three training stages are the suite's shared trained models, made once per test run by these
+stages' own commands (conftest.py): linked in here, they are cached, and every other stage runs."""
 import hashlib
 import os
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import QUICKSTART_TRAINED_STAGES, REPO
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -26,9 +28,15 @@ def pipeline(runs, data):
     return result.stdout
 
 
-def test_every_stage_runs_and_a_second_run_is_all_cached(synth_dataset_32, tmp_path):
+def test_every_stage_runs_and_a_second_run_is_all_cached(synth_dataset_32, tiny_diffusion_model, tiny_identity_backbone,
+                                                        tiny_deid_run, tmp_path):
     runs = tmp_path / "runs"
+    runs.mkdir()
+    for stage in (tiny_diffusion_model.parent, tiny_identity_backbone.parent, tiny_deid_run):
+        (runs / stage.name).symlink_to(stage, target_is_directory=True)
     first = pipeline(runs, synth_dataset_32.root)
+    cached = [line.split("]")[0].lstrip("[") for line in first.splitlines() if "] cached: " in line]
+    assert cached == list(QUICKSTART_TRAINED_STAGES), first
     tables = (runs / "report" / "tables.md").read_text()
     assert "medsem_deid" in tables
     for title in ("ID-Dis", "Tab. 8"):
