@@ -80,12 +80,34 @@ def run(config, workdir: str, distributed: dict | None = None):
     os.makedirs(workdir, exist_ok=True)
     import jax
 
+    if hasattr(module, "resolve_config"):  # derived settings (steps from epochs) before the config is saved
+        config = module.resolve_config(config)
+    saved = config.to_json_best_effort(indent=2)
     if jax.process_index() == 0:
         tmp = os.path.join(workdir, "config.json.tmp")
         with open(tmp, "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+            f.write(saved)
         os.replace(tmp, os.path.join(workdir, "config.json"))
-    return module.train_and_evaluate(config, workdir)
+    result = module.train_and_evaluate(config, workdir)
+    check_config_unchanged(config, saved, os.path.join(workdir, "config.json"))
+    return result
+
+
+def check_config_unchanged(config, saved: str, path: str) -> None:
+    """config.json is the run's config: a trainer that changed it during the run is a bug, named here."""
+    now = json.loads(config.to_json_best_effort())
+    before = json.loads(saved)
+
+    def changed(a, b, prefix=""):
+        keys = sorted(set(a) | set(b)) if isinstance(a, dict) and isinstance(b, dict) else None
+        if keys is None:
+            return [] if a == b else [prefix.rstrip(".")]
+        return [k for key in keys for k in changed(a.get(key), b.get(key), f"{prefix}{key}.")]
+
+    keys = changed(now, before)
+    if keys:
+        raise RuntimeError(f"{config.trainer}.train_and_evaluate changed config {', '.join(keys)} after {path} was "
+                           "written; derive settings in its resolve_config(config) instead")
 
 
 class SubmittedRun:

@@ -305,6 +305,19 @@ def export(mode, models: Models, config, workdir: Path, state, frozen, lora_scal
     return out
 
 
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The settings derived from others, fixed before launch.main writes config.json (so the saved
+    config is the run's): with ``num_epochs > 0``, total_steps = ceil(num_epochs * train images / batch)."""
+    if config.num_epochs > 0:
+        dataset = tfds_mema.open_configured_dataset(
+            config.data, config.data.synth if config.data.generate_if_missing else None, verify_images=False)
+        train_images = len(dataset.split("train"))
+        config.total_steps = max(1, -(-config.num_epochs * train_images // config.batch_size))
+        print(f"{config.num_epochs} epochs of {train_images} training images at batch {config.batch_size}: "
+              f"{config.total_steps} steps", flush=True)
+    return config
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.mode not in MODES:
         raise ValueError(f"config.mode is {config.mode!r}; choose one of {MODES}")
@@ -312,11 +325,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh, rules = loop.mesh_and_rules(config)
     dataset = tfds_mema.open_configured_dataset(
         config.data, config.data.synth if config.data.generate_if_missing else None, config.data.verify_images)
-    if config.num_epochs > 0:
-        train_images = len(dataset.split("train"))
-        config.total_steps = max(1, -(-config.num_epochs * train_images // config.batch_size))
-        print(f"{config.num_epochs} epochs of {train_images} training images at batch {config.batch_size}: "
-              f"{config.total_steps} steps", flush=True)
     models = load_models(config, mesh, rules, workdir)
     if models.pixel_space and models.unet.config.in_channels != 3:
         raise ValueError(f"a model without a VAE works on pixels, but its UNet has {models.unet.config.in_channels} "
