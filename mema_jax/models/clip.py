@@ -39,6 +39,18 @@ from mema_jax.models.layers.remat import remat_block
 ACTIVATIONS = ("quick_gelu", "gelu")
 
 
+# The CLIP image processor's per-channel mean and std (openai/clip-vit-large-patch14's preprocessor_config.json).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_pixels(images, size: int):
+    """[-1, 1] NHWC images -> the CLIP image encoder's normalised input at ``size`` (bicubic resize)."""
+    x = (images + 1.0) / 2.0
+    x = jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), "bicubic")
+    return (x - jnp.asarray(CLIP_MEAN, jnp.float32)) / jnp.asarray(CLIP_STD, jnp.float32)
+
+
 class CLIPConfigError(ValueError):
     """A CLIP config.json that this implementation does not support."""
 

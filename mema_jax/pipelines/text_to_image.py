@@ -61,8 +61,8 @@ def _decode_latents(vae, params, latents):
 
 
 @functools.partial(jit, static_argnames=("unet", "use_guidance"))
-def _denoising_loop(unet, unet_params, latents, context, guidance_scale, state, ip_tokens=None, ip_scale=None, *,
-                    use_guidance: bool):
+def denoising_loop(unet, unet_params, latents, context, guidance_scale, state, ip_tokens=None, ip_scale=None, *,
+                   use_guidance: bool):
     """All steps in one ``fori_loop``; ``context`` (and ``ip_tokens`` / ``ip_scale``) are
     [negative; positive] when guiding.  DDIM runs deterministically (eta = 0), as in diffusers'
     pipeline by default."""
@@ -200,7 +200,7 @@ class StableDiffusionPipeline:
             unet, unet_params, ip_tokens, ip_scales = self.unet, self.unet_params, None, None
             if image_embeds is not None:
                 unet, unet_params, ip_tokens, ip_scales = self._ip_inputs(image_embeds, ip_scale, batch, use_guidance)
-            latents = _denoising_loop(unet, unet_params, self._on_batch_axis(jnp.asarray(latents, jnp.float32)),
+            latents = denoising_loop(unet, unet_params, self._on_batch_axis(jnp.asarray(latents, jnp.float32)),
                                       context, jnp.float32(guidance_scale), state, ip_tokens, ip_scales,
                                       use_guidance=use_guidance)
             if output_type == "latent":

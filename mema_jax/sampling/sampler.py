@@ -143,7 +143,7 @@ class Sampler:
     def reference_embedding(self, path: Path) -> np.ndarray:
         """The CLIP image embedding of a reference face, resized to the model's resolution first (as
         training images were); computed once per face at batch 1, so it does not depend on batching."""
-        from mema_jax.trainers.diffusion import clip_pixels
+        from mema_jax.models.clip import clip_pixels
 
         key = str(path)
         if key not in self._embeds:
@@ -202,7 +202,7 @@ def microbatch_images(unet, text_encoder, vae, use_guidance: bool, num_tokens: i
     device computes its microbatch with the same kernels as a single-device run."""
     from mema_jax.models import ip_adapter
     from mema_jax.models.vae import AutoencoderKL
-    from mema_jax.pipelines.text_to_image import _denoising_loop
+    from mema_jax.pipelines.text_to_image import denoising_loop
 
     context = text_encoder.apply({"params": params["text"]}, ids).last_hidden_state
     if use_guidance:
@@ -216,7 +216,7 @@ def microbatch_images(unet, text_encoder, vae, use_guidance: bool, num_tokens: i
             negative = ip_adapter.image_tokens(params["ip"], jnp.zeros_like(image_embeds), num_tokens, cross)
             tokens, scales = jnp.concatenate([negative, tokens]), jnp.concatenate([scales, scales])
         model, unet_params = ip_adapter.ip_unet(unet), ip_adapter.unet_params(params["unet"], params["ip"])
-    latents = _denoising_loop(model, unet_params, latents, context, guidance_scale, state, tokens, scales,
+    latents = denoising_loop(model, unet_params, latents, context, guidance_scale, state, tokens, scales,
                               use_guidance=use_guidance)
     if vae is None:
         return latents

@@ -52,13 +52,12 @@ from mema_jax.models.convert_unet import load_unet, save_unet
 from mema_jax.models.convert_vae import load_vae, save_vae
 from mema_jax.models.tokenizer import write_word_vocabulary
 from mema_jax.models.unet import UNet2DConditionModel, UNetConfig, init_params
+from mema_jax.models.clip import clip_pixels
 from mema_jax.models.weights import WeightsError
 from mema_jax.pipelines.text_to_image import StableDiffusionPipeline
 from mema_jax.schedulers import DDPMConfig, ddpm, read_scheduler_config
 
 MODES = ("lora", "full", "ip_adapter")
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 # SD1.5's training noise schedule (its scheduler_config.json), for models built here from scratch.
 SD15_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
                   "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False,
@@ -144,13 +143,6 @@ def caption_table(models: Models, config) -> tuple[np.ndarray, np.ndarray]:
     table = [captions.caption(d, template=config.caption.template, words=words) for d in layout.DISEASES]
     length = models.text_encoder.config.max_position_embeddings
     return tokenize(tokenizer, table, max_length=length), tokenize(tokenizer, [""], max_length=length)[0]
-
-
-def clip_pixels(images, size: int):
-    """[-1, 1] NHWC images -> the CLIP image encoder's normalised input at ``size``."""
-    x = (images + 1.0) / 2.0
-    x = jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), "bicubic")
-    return (x - CLIP_MEAN) / CLIP_STD
 
 
 def snr_weights(alphas_cumprod, timesteps, prediction: str, gamma: float):
