@@ -24,7 +24,9 @@ CAMERA_SERIAL = "SN-4417-XQ-998"
 FACES = SHARED_DATA / "faces_labelled"
 EYES = SHARED_DATA / "eyes_strabismus"
 
-pytestmark = pytest.mark.skipif(not FACES.is_dir(), reason=f"needs the shared photos in {FACES}")
+# Skipped only where the shared photos are absent and not required; CI (MEMA_REQUIRE_ALL=1) runs it and fails instead.
+pytestmark = pytest.mark.skipif(not FACES.is_dir() and os.environ.get("MEMA_REQUIRE_ALL") != "1",
+                                reason=f"needs the shared photos in {FACES}")
 
 
 def cli(*args, passphrase=PASSPHRASE, check_rc=(0,)):
