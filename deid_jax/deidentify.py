@@ -33,61 +33,44 @@ import argparse
 import csv
 import dataclasses
 import io
-import json
-import os
 import secrets
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from deid_jax import export
 from deid_jax import medical_encoder as med_lib
 from deid_jax import passwords
+from deid_jax.export import DeidModelError  # noqa: F401  (the error a bad --model raises)
 from deid_jax.model import DeidConfig, MedSemDeID
 from mema_jax.core.compile import jit, use_persistent_cache
 from mema_jax.errors import InputError
-from mema_jax.fileio import atomic_file, atomic_write_bytes, write_png
-from mema_jax.models import param_tree, weights
+from mema_jax.fileio import atomic_write_bytes, csv_bytes, write_png
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-CONFIG_FILE = "deid_config.json"
-GENERATOR_FILE = "generator.safetensors"
 FAILURES_FILE = "failures.csv"
 SIZE_POLICIES = ("resize", "refuse")
-
-
-class DeidModelError(InputError):
-    """A model folder that is not a MedSem-DeID export; the message names it."""
 
 
 @dataclasses.dataclass
 class Deidentifier:
     """A trained MedSem-DeID: ``deidentify(images, password)`` and ``recover(encrypted, password)``
-    on batches of uint8 (B, S, S, 3) images at the model's size S, one password vector per call."""
+    on batches of uint8 (B, S, S, 3) images at the model's size S, one password vector per call.
+    Each instance compiles its two programs once (per input shape) and keeps them."""
 
     config: DeidConfig
     params: dict
     medical: med_lib.MedicalEncoder | None
+    _compiled: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def load(cls, folder) -> Deidentifier:
-        folder = Path(folder)
-        try:
-            settings = json.loads((folder / CONFIG_FILE).read_text())
-            config = DeidConfig.from_dict(settings["model"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DeidModelError(f"{folder}: not a MedSem-DeID model folder ({CONFIG_FILE}: {e}); the trainer "
-                                 "writes one to <workdir>/model") from None
-        medical = med_lib.load(folder / settings["medical_encoder"]) if settings.get("medical_encoder") else None
-        abstract = _abstract_params(config, medical)
-        flat = weights.read_state_dict(os.fspath(folder / GENERATOR_FILE))
-        key_map = [weights.KeyMapping(p, p) for p in param_tree.flatten(abstract)]
-        params = weights.load_into(abstract, flat, key_map, source=os.fspath(folder / GENERATOR_FILE))
-        return cls(config, params, medical)
+        saved = export.load(folder)
+        return cls(saved.config, saved.params, saved.medical)
 
     @property
     def size(self) -> int:
@@ -99,28 +82,37 @@ class Deidentifier:
 
     def deidentify(self, images: np.ndarray, password: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """-> (de-identified uint8 images, encrypted features f_enc float32)."""
-        x_enc, f_enc = _deidentify(self.config, self.params, self.medical.params if self.medical else None,
-                                   self._med_apply(), _to_float(images), _batch_password(password, len(images)))
+        x_enc, f_enc = self.deidentify_program()(*self.deidentify_args(images, password))
         return _to_uint8(x_enc), np.asarray(f_enc)
 
     def recover(self, encrypted: np.ndarray, password: np.ndarray) -> np.ndarray:
         """``encrypted``: the de-identified uint8 images (``recover_from=image``) or f_enc ("features")."""
         data = _to_float(encrypted) if self.recovers_from_image else jnp.asarray(encrypted, jnp.float32)
-        return _to_uint8(_recover(self.config, self.params, data, _batch_password(password, len(encrypted))))
+        if "recover" not in self._compiled:
+            model = MedSemDeID(self.config)
+            self._compiled["recover"] = jit(lambda p, e, pw: model.apply({"params": p}, e, pw, method=MedSemDeID.recover))
+        return _to_uint8(self._compiled["recover"](self.params, data, _batch_password(password, len(encrypted))))
 
-    def _med_apply(self):
-        return None if self.medical is None else self.medical.apply
+    def deidentify_function(self):
+        """The pure function ``(params, med_params, x in [-1, 1], passwords) -> (x_enc, f_enc)``, not jitted."""
+        model, med, uses_med = MedSemDeID(self.config), self.medical, bool(self.config.med_channels)
 
+        def run(params, med_params, x, password):
+            f_med = med.apply(med_params, x) if uses_med else None
+            return model.apply({"params": params}, x, f_med, password, method=MedSemDeID.deidentify)
 
-def _abstract_params(config: DeidConfig, medical):
-    x = jnp.zeros((1, config.image_size, config.image_size, 3))
-    p = jnp.zeros((1, config.password_dim))
-    f_med = None
-    if config.med_channels:
-        shape = jax.eval_shape(medical.apply, medical.params, x).shape
-        f_med = jnp.zeros(shape)
-    boxed = jax.eval_shape(lambda: MedSemDeID(config).init(jax.random.key(0), x, f_med, p, p)["params"])
-    return boxed
+        return run
+
+    def deidentify_program(self):
+        """:meth:`deidentify_function` jitted (compiled once per input shape): what :meth:`deidentify` runs."""
+        if "deidentify" not in self._compiled:
+            self._compiled["deidentify"] = jit(self.deidentify_function())
+        return self._compiled["deidentify"]
+
+    def deidentify_args(self, images: np.ndarray, password: np.ndarray) -> tuple:
+        """The arguments :meth:`deidentify` passes its program for uint8 ``images`` and one password."""
+        return (self.params, self.medical.params if self.medical else None, _to_float(images),
+                _batch_password(password, len(images)))
 
 
 def _batch_password(password, n):
@@ -133,30 +125,6 @@ def _to_float(images):
 
 def _to_uint8(x) -> np.ndarray:
     return np.asarray(jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255)).astype(np.uint8)
-
-
-_COMPILED: dict = {}
-
-
-def _deidentify(config, params, med_params, med_apply, x, password):
-    key = ("deid", config, med_apply)
-    if key not in _COMPILED:
-        model = MedSemDeID(config)
-
-        def run(params, med_params, x, password):
-            f_med = med_apply(med_params, x) if config.med_channels else None
-            return model.apply({"params": params}, x, f_med, password, method=MedSemDeID.deidentify)
-
-        _COMPILED[key] = jit(run)
-    return _COMPILED[key](params, med_params, x, password)
-
-
-def _recover(config, params, encrypted, password):
-    key = ("recover", config)
-    if key not in _COMPILED:
-        model = MedSemDeID(config)
-        _COMPILED[key] = jit(lambda p, e, pw: model.apply({"params": p}, e, pw, method=MedSemDeID.recover))
-    return _COMPILED[key](params, encrypted, password)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,12 +192,7 @@ def _write_npy(path: Path, array: np.ndarray) -> None:
 
 
 def _write_failures(path: Path, failures: dict[str, str]) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["name", "reason"])
-    for name, reason in sorted(failures.items()):
-        writer.writerow([name, reason])
-    atomic_write_bytes(path, buf.getvalue().encode())
+    atomic_write_bytes(path, csv_bytes(["name", "reason"], sorted(failures.items())))
 
 
 def _check_apart(inputs: Path, out: Path) -> None:
@@ -379,13 +342,7 @@ def _load_name_map(path) -> dict[str, str]:
 
 
 def _save_name_map(path, mapping: dict[str, str]) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["original", "opaque"])
-    for original, opaque in sorted(mapping.items()):
-        writer.writerow([original, opaque])
-    with atomic_file(Path(path)) as tmp:
-        tmp.write_bytes(buf.getvalue().encode())
+    atomic_write_bytes(Path(path), csv_bytes(["original", "opaque"], sorted(mapping.items())))
 
 
 # ----------------------------------------------------------------------------------------------

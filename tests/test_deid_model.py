@@ -186,20 +186,15 @@ def test_discriminator_step_leaves_the_generator_alone_and_frozen_parts_get_no_u
     mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
     med = train.load_medical_encoder(config, mesh, shd.DEFAULT_RULES)
     identity = load_iresnet(tiny_identity_backbone)
-    cfg, gen, disc, _, g_loss, d_loss = train.make_parts(config, med, identity)
-    x = jnp.zeros((1, 32, 32, 3))
-    f_med = jnp.zeros(jax.eval_shape(med.apply, med.params, x).shape)
-    params = {"generator": gen.init(jax.random.key(0), x, f_med, jnp.zeros((1, 512)), jnp.zeros((1, 512)))["params"],
-              "discriminator": disc.init(jax.random.key(1), x)["params"]}
-    from mema_jax.core.optim import make_optimizer
-
-    tx = {"generator": make_optimizer(config.optim, 10), "discriminator": make_optimizer(config.optim_discriminator, 10)}
-    spec = ts.sharded_state(lambda r: params, tx, mesh, shd.DEFAULT_RULES, seed=0)
+    parts = train.make_parts(config, med, identity)
+    init_params, tx, loss_fns = train.parameter_groups(config, med, parts, 10)
+    assert set(loss_fns) == {"generator", "discriminator"}
+    spec = ts.sharded_state(init_params, tx, mesh, shd.DEFAULT_RULES, seed=0)
     frozen, frozen_shardings = ts.place_frozen({"identity": identity[1], "med": med.params}, mesh, shd.DEFAULT_RULES)
     loader = pipeline.make_loader(synth_dataset_32, "train", global_batch_size=4, image_size=32, seed=0, augment=False,
                                   with_faces=True)
     batch = {k: jnp.asarray(v) for k, v in next(iter(loader)).items()}
-    step = ts.make_train_step({"generator": g_loss, "discriminator": d_loss}, tx, mesh=mesh, rules=shd.DEFAULT_RULES,
+    step = ts.make_train_step(loss_fns, tx, mesh=mesh, rules=shd.DEFAULT_RULES,
                               state_shardings=spec.shardings, batch_shardings=None, frozen_shardings=frozen_shardings,
                               seed=0)
     frozen_before = jax.tree.map(np.array, frozen)
