@@ -15,7 +15,8 @@ At the end ``<workdir>/model/`` holds what ``deid_jax.deidentify`` needs: ``deid
 """
 from __future__ import annotations
 
-import json
+import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from deid_jax import export as model_folder
 from deid_jax import losses
 from deid_jax import medical_encoder as med_lib
 from deid_jax.model import DeidConfig, MedSemDeID, PatchDiscriminator
@@ -31,23 +33,19 @@ from mema_jax.core import loop
 from mema_jax.core import train_state as ts
 from mema_jax.core.compile import jit
 from mema_jax.core.optim import make_optimizer
-from mema_jax.data import layout, pipeline, tfds_mema
-from mema_jax.fileio import atomic_folder, atomic_write_bytes
-from mema_jax.models import face_align, param_tree, weights
+from mema_jax.data import layout, pipeline
+from mema_jax.models import face_align
+from mema_jax.trainers import common
 from mema_jax.models.convert_iresnet import load_iresnet
 from mema_jax.models.iresnet import INPUT_SIZE
 
-MODEL_DIR = "model"
-CONFIG_FILE = "deid_config.json"
-GENERATOR_FILE = "generator.safetensors"
-MEDICAL_DIR = "medical_encoder"
 CROPS = ("landmarks", "whole")
 
 
 def open_dataset(config) -> layout.MeMaDataset:
     """The training folder; ``data.diseases`` keeps only those diseases (Tab. 9's M1: healthy faces)."""
     d = config.data
-    dataset = tfds_mema.open_configured_dataset(d, d.synth if d.generate_if_missing else None, d.verify_images)
+    dataset = common.open_dataset(config)
     if d.diseases:
         unknown = sorted(set(d.diseases) - set(layout.DISEASES))
         if unknown:
@@ -93,8 +91,21 @@ def _tiled(landmarks, times: int):
     return None if landmarks is None else jnp.concatenate([landmarks] * times)
 
 
-def make_parts(config, med, identity):
-    """The generator and discriminator modules and the loss of each."""
+@dataclasses.dataclass(frozen=True)
+class DeidParts:
+    """What a MedSem-DeID step is built from."""
+
+    config: DeidConfig
+    generator: MedSemDeID
+    discriminator: PatchDiscriminator
+    phi: Callable                 # (frozen, images, landmarks) -> ArcFace features
+    run_generator: Callable       # (params, frozen, x, rng) -> (generator outputs, f_med or None)
+    generator_loss: Callable      # (params, frozen, batch, rng) -> (loss, metrics)
+    discriminator_loss: Callable
+
+
+def make_parts(config, med, identity) -> DeidParts:
+    """The generator and discriminator modules, phi, and the loss of each."""
     cfg = deid_config(config, med)
     generator = MedSemDeID(cfg)
     discriminator = PatchDiscriminator(tuple(config.gan.widths))
@@ -107,8 +118,8 @@ def make_parts(config, med, identity):
     def phi(frozen, images, landmarks):
         return id_model.apply(frozen["identity"], identity_inputs(images, landmarks, crop), train=False)
 
-    def forward(params, frozen, batch, rng):
-        x = batch["image"]
+    def run_generator(params, frozen, x, rng):
+        """The generator on ``x`` with a random right and wrong password per sample drawn from ``rng``."""
         r_p, r_w = jax.random.split(rng)
         password, wrong = random_passwords(r_p, x.shape[0], cfg.password_dim), random_passwords(r_w, x.shape[0], cfg.password_dim)
         f_med = med.apply(frozen["med"], x) if med is not None else None
@@ -117,7 +128,7 @@ def make_parts(config, med, identity):
 
     def generator_loss(params, frozen, batch, rng):
         x, marks = batch["image"], batch.get("landmarks")
-        out, f_med = forward(params, frozen, batch, rng)
+        out, f_med = run_generator(params, frozen, x, rng)
         phi_x = jax.lax.stop_gradient(phi(frozen, x, marks))
         fakes = jnp.concatenate([out.x_enc, out.x_hat, out.x_wrong])
         # One ArcFace batch of 3B for the three outputs (the same values as three calls; one pass).
@@ -142,7 +153,7 @@ def make_parts(config, med, identity):
         return total, terms
 
     def discriminator_loss(params, frozen, batch, rng):
-        out, _ = forward(params, frozen, batch, rng)
+        out, _ = run_generator(params, frozen, batch["image"], rng)
         fakes = jax.lax.stop_gradient(jnp.concatenate([out.x_enc, out.x_hat, out.x_wrong]))
 
         def d(images):
@@ -155,23 +166,20 @@ def make_parts(config, med, identity):
             loss = loss + 0.5 * config.gan.r1 * metrics["r1"]
         return loss, metrics
 
-    return cfg, generator, discriminator, phi, generator_loss, discriminator_loss
+    return DeidParts(cfg, generator, discriminator, phi, run_generator, generator_loss, discriminator_loss)
 
 
-def make_evaluator(config, generator, phi, med, dataset, mesh, rules, params_shardings, batch_shardings,
+def make_evaluator(config, parts: DeidParts, med, dataset, mesh, rules, params_shardings, batch_shardings,
                    frozen, frozen_shardings):
-    """``evaluate(state)`` on the validation split with fixed passwords: PSNR of X_hat and X_wrong,
-    phi's cosine of X to X_enc / X_hat / X_wrong, and L_med.  Compiled once."""
-    cfg = generator.config
+    """``evaluate(state)`` on the validation split with fixed passwords (the same for every
+    evaluation): PSNR of X_hat and X_wrong, phi's cosine of X to X_enc / X_hat / X_wrong, and L_med.
+    Compiled once."""
     keys = [k for k in ("image", "landmarks") if k in batch_shardings]
+    phi = parts.phi
 
     def metrics(params, frozen, batch, index):
         x, marks = batch["image"], batch.get("landmarks")
-        key = jax.random.fold_in(jax.random.key(4321), index)
-        p, w = random_passwords(key, x.shape[0], cfg.password_dim), random_passwords(jax.random.fold_in(key, 1),
-                                                                                      x.shape[0], cfg.password_dim)
-        f_med = med.apply(frozen["med"], x) if med is not None else None
-        out = generator.apply({"params": params["generator"]}, x, f_med if cfg.med_channels else None, p, w)
+        out, f_med = parts.run_generator(params, frozen, x, jax.random.fold_in(jax.random.key(4321), index))
         phi_x = phi(frozen, x, marks)
         result = {"psnr_rec": losses.psnr(out.x_hat, x), "psnr_wrong": losses.psnr(out.x_wrong, x),
                   "id_cos_enc": losses.cosine(phi_x, phi(frozen, out.x_enc, marks)),
@@ -200,46 +208,33 @@ def make_evaluator(config, generator, phi, med, dataset, mesh, rules, params_sha
 
 
 def export(workdir: Path, cfg: DeidConfig, config, med, params) -> Path:
-    """``<workdir>/model/``: the generator, its settings and the medical encoder it was trained with."""
-    out = workdir / MODEL_DIR
+    """``<workdir>/model/`` (``deid_jax.export``): the generator, its settings and its medical encoder."""
+    out = workdir / model_folder.MODEL_DIR
     if out.exists():
         return out
     generator = loop.fetch(params["generator"])  # every process: a gather
     if jax.process_index() != 0:
         return out
-    with atomic_folder(out) as tmp:
-        weights.write_safetensors(tmp / GENERATOR_FILE, {k: np.asarray(v) for k, v in param_tree.flatten(generator).items()})
-        settings = {"model": cfg.to_dict(), "identity_crop": config.identity.crop,
-                    "medical_encoder": None if med is None or not cfg.med_channels else MEDICAL_DIR}
-        atomic_write_bytes(tmp / CONFIG_FILE, (json.dumps(settings, indent=2, sort_keys=True) + "\n").encode())
-        if med is not None and cfg.med_channels:
-            med_lib.save(med, tmp / MEDICAL_DIR)
-    return out
+    return model_folder.save(out, cfg, generator, med, config.identity.crop)
 
 
-def parameter_groups(config, med, generator, discriminator, g_loss, d_loss, total_steps: int):
+def parameter_groups(config, med, parts: DeidParts, total_steps: int):
     """(init_params(rng) -> params, optimizers, losses) of the step's parameter groups: the
     generator, and the discriminator when ``loss.lambda_gan`` > 0, each with its own Adam."""
-    cfg, size = generator.config, config.data.image_size
 
     def init_params(rng):
         r_g, r_d = jax.random.split(rng)
-        x = jnp.zeros((1, size, size, 3))
-        p = jnp.zeros((1, cfg.password_dim))
-        f_med = None
-        if cfg.med_channels:
-            f_med = jax.eval_shape(med.apply, med.params, x)
-            f_med = jnp.zeros(f_med.shape, f_med.dtype)
-        params = {"generator": generator.init(r_g, x, f_med, p, p)["params"]}
+        params = {"generator": model_folder.init_generator(parts.config, med, r_g)}
         if config.loss.lambda_gan:
-            params["discriminator"] = discriminator.init(r_d, x)["params"]
+            x = jnp.zeros((1, config.data.image_size, config.data.image_size, 3))
+            params["discriminator"] = parts.discriminator.init(r_d, x)["params"]
         return params
 
     tx = {"generator": make_optimizer(config.optim, total_steps)}
-    loss_fns = {"generator": g_loss}
+    loss_fns = {"generator": parts.generator_loss}
     if config.loss.lambda_gan:
         tx["discriminator"] = make_optimizer(config.optim_discriminator, total_steps)
-        loss_fns["discriminator"] = d_loss
+        loss_fns["discriminator"] = parts.discriminator_loss
     return init_params, tx, loss_fns
 
 
@@ -249,8 +244,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     dataset = open_dataset(config)
     med = load_medical_encoder(config, mesh, rules)
     identity = load_iresnet(config.identity.weights, mesh=mesh, rules=rules)
-    cfg, generator, discriminator, phi, g_loss, d_loss = make_parts(config, med, identity)
-    size, batch = config.data.image_size, config.batch_size
+    parts = make_parts(config, med, identity)
+    batch = config.batch_size
     with_faces = config.identity.crop == "landmarks"
 
     frozen = {"identity": identity[1]}
@@ -258,26 +253,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         frozen["med"] = med.params
     frozen, frozen_shardings = ts.place_frozen(frozen, mesh, rules, loop.replicated_warning_bytes(config))
 
-    init_params, tx, loss_fns = parameter_groups(config, med, generator, discriminator, g_loss, d_loss,
-                                                 config.total_steps)
+    init_params, tx, loss_fns = parameter_groups(config, med, parts, config.total_steps)
     state_spec = ts.sharded_state(init_params, tx, mesh, rules, seed=config.seed,
                                   warn_replicated_bytes=loop.replicated_warning_bytes(config))
-    shapes = {"image": (batch, size, size, 3), "label": (batch,), "severity": (batch,), "index": (batch,)}
-    if with_faces:
-        shapes["landmarks"] = (batch, 5, 2)
+    shapes = common.batch_shapes(config, **({"landmarks": (batch, 5, 2)} if with_faces else {}))
     shardings = loop.batch_shardings(mesh, rules, shapes)
     train_step = ts.make_train_step(loss_fns, tx, mesh=mesh, rules=rules, state_shardings=state_spec.shardings,
                                     batch_shardings=shardings, frozen_shardings=frozen_shardings, seed=config.seed,
                                     accum_steps=config.grad_accum_steps)
-    loader = pipeline.make_loader(dataset, "train", global_batch_size=batch, image_size=size, seed=config.seed,
-                                  augment=config.data.augment, worker_count=config.data.workers, with_faces=with_faces)
+    loader = common.train_loader(config, dataset, with_faces=with_faces)
     evaluate = None
     if config.eval_every:
-        evaluate = make_evaluator(config, generator, phi, med, dataset, mesh, rules, state_spec.shardings.params,
+        evaluate = make_evaluator(config, parts, med, dataset, mesh, rules, state_spec.shardings.params,
                                   shardings, frozen, frozen_shardings)
 
     def finish(state):
-        out = export(workdir, cfg, config, med, state.params)
+        out = export(workdir, parts.config, config, med, state.params)
         if jax.process_index() == 0:
             print(f"exported the de-identifier: {out}", flush=True)
 

@@ -6,8 +6,6 @@ model, loss and evaluation; ``mema_jax.core.loop`` does the rest.  Run it throug
 """
 from __future__ import annotations
 
-import functools
-
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -16,9 +14,9 @@ import optax
 from mema_jax.core import loop
 from mema_jax.core import train_state as ts
 from mema_jax.core.compile import jit
-from mema_jax.core.optim import make_optimizer
-from mema_jax.data import layout, pipeline, tfds_mema
+from mema_jax.data import layout, pipeline
 from mema_jax.models.resnet_classifier import ResNetClassifier
+from mema_jax.trainers import common
 
 
 def make_model(config, precision: ts.Precision) -> ResNetClassifier:
@@ -53,7 +51,7 @@ def make_evaluator(model, dataset, config, mesh, rules, params_shardings, batch_
         in_shardings=(params_shardings, batch_shardings["image"])), mesh, rules)
 
     def evaluate(state: ts.TrainState) -> dict:
-        params = state.ema_params if state.ema_params is not None else state.params
+        params = common.eval_params(state)
         loader = pipeline.make_loader(dataset, config.eval_split, global_batch_size=config.batch_size,
                                       image_size=config.data.image_size, seed=0, shuffle=False, num_epochs=1,
                                       augment=False, drop_remainder=False)
@@ -71,25 +69,13 @@ def make_evaluator(model, dataset, config, mesh, rules, params_shardings, batch_
     return evaluate
 
 
+def build(config, mesh, rules) -> common.Built:
+    """Everything a run needs on ``mesh``: the model, its sharded state, the jitted step, the batch shardings."""
+    model = make_model(config, ts.Precision.from_config(config.precision))
+    return common.build(config, mesh, rules, model, classification_loss, (common.zero_images(config),))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh, rules = loop.mesh_and_rules(config)
-    precision = ts.Precision.from_config(config.precision)
-    dataset = tfds_mema.open_configured_dataset(
-        config.data, config.data.synth if config.data.generate_if_missing else None, config.data.verify_images)
-    model = make_model(config, precision)
-    tx = make_optimizer(config.optim, config.total_steps)
-    size, batch = config.data.image_size, config.batch_size
-    state_spec = ts.sharded_state(lambda rng: model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32))["params"],
-                                  tx, mesh, rules, seed=config.seed, use_ema=config.ema_decay > 0,
-                                  warn_replicated_bytes=loop.replicated_warning_bytes(config))
-    shardings = loop.batch_shardings(mesh, rules, {"image": (batch, size, size, 3), "label": (batch,),
-                                                   "severity": (batch,), "index": (batch,)})
-    train_step = ts.make_train_step(functools.partial(classification_loss, model), tx, mesh=mesh, rules=rules,
-                                    state_shardings=state_spec.shardings, batch_shardings=shardings, seed=config.seed,
-                                    accum_steps=config.grad_accum_steps, ema_decay=config.ema_decay or None)
-    loader = pipeline.make_loader(dataset, "train", global_batch_size=batch, image_size=size, seed=config.seed,
-                                  augment=config.data.augment, worker_count=config.data.workers)
-    evaluate = make_evaluator(model, dataset, config, mesh, rules, state_spec.shardings.params, shardings)
-    return loop.run(config, workdir, state_spec=state_spec, train_step=train_step, data_iter=iter(loader),
-                    batch_shardings=shardings, evaluate=evaluate if config.eval_every else None,
-                    console_keys=("loss", "accuracy"))
+    return common.run(config, workdir, build(config, mesh, rules), common.open_dataset(config), make_evaluator,
+                      console_keys=("loss", "accuracy"))

@@ -56,6 +56,7 @@ from mema_jax.models.clip import clip_pixels
 from mema_jax.models.weights import WeightsError
 from mema_jax.pipelines.text_to_image import StableDiffusionPipeline
 from mema_jax.schedulers import DDPMConfig, ddpm, read_scheduler_config
+from mema_jax.trainers import common
 
 MODES = ("lora", "full", "ip_adapter")
 # SD1.5's training noise schedule (its scheduler_config.json), for models built here from scratch.
@@ -315,8 +316,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise ValueError(f"config.mode is {config.mode!r}; choose one of {MODES}")
     workdir = Path(workdir)
     mesh, rules = loop.mesh_and_rules(config)
-    dataset = tfds_mema.open_configured_dataset(
-        config.data, config.data.synth if config.data.generate_if_missing else None, config.data.verify_images)
+    dataset = common.open_dataset(config)
     models = load_models(config, mesh, rules, workdir)
     if models.pixel_space and models.unet.config.in_channels != 3:
         raise ValueError(f"a model without a VAE works on pixels, but its UNet has {models.unet.config.in_channels} "
@@ -360,15 +360,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             tx, mesh, rules, seed=config.seed, use_ema=use_ema, warn_replicated_bytes=warn,
             init_args=(models.unet_params,))
 
-    size, batch = config.data.image_size, config.batch_size
-    shardings = loop.batch_shardings(mesh, rules, {"image": (batch, size, size, 3), "label": (batch,),
-                                                   "severity": (batch,), "index": (batch,)})
+    shardings = loop.batch_shardings(mesh, rules, common.batch_shapes(config))
     loss_fn = make_loss(models, config, alphas_cumprod, lora_scale)
     train_step = ts.make_train_step(loss_fn, tx, mesh=mesh, rules=rules, state_shardings=state_spec.shardings,
                                     batch_shardings=shardings, frozen_shardings=frozen_shardings, seed=config.seed,
                                     accum_steps=config.grad_accum_steps, ema_decay=config.ema_decay or None)
-    loader = pipeline.make_loader(dataset, "train", global_batch_size=batch, image_size=size, seed=config.seed,
-                                  augment=config.data.augment, worker_count=config.data.workers)
+    loader = common.train_loader(config, dataset)
     evaluate = None
     if config.eval_every:
         evaluate = make_evaluator(loss_fn, int(alphas_cumprod.shape[0]), dataset, config, mesh, rules,

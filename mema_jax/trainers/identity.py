@@ -37,8 +37,9 @@ from mema_jax.core import loop
 from mema_jax.core import train_state as ts
 from mema_jax.core.compile import jit
 from mema_jax.core.optim import make_optimizer
-from mema_jax.data import layout, tfds_mema
+from mema_jax.data import layout
 from mema_jax.models import face_align
+from mema_jax.trainers import common
 from mema_jax.models.convert_iresnet import save_iresnet_pth
 from mema_jax.models.iresnet import FIXED_PARAMS, IResNet, IResNetConfig, INPUT_SIZE
 
@@ -88,7 +89,7 @@ def make_loader(source: FaceSource, batch_size: int, *, seed: int, shuffle: bool
 def open_dataset(config) -> layout.MeMaDataset:
     """The folder (rendered first when asked); an older MeMa-Synth folder gets its faces.csv."""
     synth_cfg = config.data.synth if config.data.generate_if_missing else None
-    dataset = tfds_mema.open_configured_dataset(config.data, synth_cfg, config.data.verify_images)
+    dataset = common.open_dataset(config)
     if dataset.faces is None and synth_cfg is not None:
         from mema_jax.data import synth
 
