@@ -163,55 +163,76 @@ def make_train_step(
     new_state))``; gradients, ``tx`` and EMA cover the other groups only, and the group becomes
     ``new_state`` (micro-batches pass it on in order, as torch updates running statistics).
     """
-    rules = shd.normalize_rules(rules)
     multi = isinstance(tx, Mapping)
     if multi != isinstance(loss_fn, Mapping) or (multi and list(tx) != list(loss_fn)):
         raise ValueError("with several optimizers, tx and loss_fn are dicts with the same keys in the same order")
     if multi and state_group is not None:
         raise ValueError("state_group works with one optimizer; with several, each would update the state in turn")
-    groups = list(tx) if multi else [None]
+    if multi:
+        step = multi_optimizer_step(loss_fn, tx, seed=seed, accum_steps=accum_steps, ema_decay=ema_decay)
+    else:
+        step = single_optimizer_step(loss_fn, tx, seed=seed, accum_steps=accum_steps, ema_decay=ema_decay,
+                                     state_group=state_group)
+    return compile_step(step, mesh=mesh, rules=rules, state_shardings=state_shardings, batch_shardings=batch_shardings,
+                        frozen_shardings=frozen_shardings)
 
-    def one_update(group, params, opt_state, frozen, batch, rng):
-        fn = loss_fn[group] if multi else loss_fn
-        tx_g = tx[group] if multi else tx
 
+def single_optimizer_step(loss_fn, tx, *, seed: int, accum_steps: int = 1, ema_decay: float | None = None,
+                          state_group: str | None = None):
+    """The pure ``step(state, batch, frozen) -> (state, metrics)`` of one optimizer over ``params``
+    (all of it, or all but the ``state_group`` that the forward pass updates); see make_train_step."""
+
+    def step(state: TrainState, batch: dict, frozen):
         if state_group is None:
-            def group_loss(p, mb, r, _):
-                loss, metrics = fn(dict(params, **{group: p}) if multi else p, frozen, mb, r)
-                return loss, (metrics, None)
-        else:
-            def group_loss(p, mb, r, state):
-                return fn(dict(p, **{state_group: state}), frozen, mb, r)
+            trained, model_state = state.params, None
 
-        own = params[group] if multi else _without(params, state_group)
-        state = None if state_group is None else params[state_group]
-        grads, loss, metrics, state = _accumulated_grads(group_loss, own, batch, rng, accum_steps, state)
-        updates, opt_state = tx_g.update(grads, opt_state, own)
-        own = optax.apply_updates(own, updates)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
-        if multi:
-            return dict(params, **{group: own}), opt_state, metrics
-        return (own if state_group is None else dict(own, **{state_group: state})), opt_state, metrics
+            def loss(p, micro_batch, rng, _):
+                value, metrics = loss_fn(p, frozen, micro_batch, rng)
+                return value, (metrics, None)
+        else:
+            trained, model_state = _without(state.params, state_group), state.params[state_group]
+
+            def loss(p, micro_batch, rng, model_state):
+                return loss_fn(dict(p, **{state_group: model_state}), frozen, micro_batch, rng)
+
+        grads, value, metrics, model_state = _accumulated_grads(loss, trained, batch, step_rng(seed, state.step),
+                                                                accum_steps, model_state)
+        trained, opt_state = _apply_updates(tx, grads, state.opt_state, trained)
+        params = trained if state_group is None else dict(trained, **{state_group: model_state})
+        metrics = dict(metrics, loss=value, grad_norm=optax.tree.norm(grads))
+        return _advanced(state, params, opt_state, ema_decay, state_group), metrics
+
+    return step
+
+
+def multi_optimizer_step(loss_fns: Mapping, txs: Mapping, *, seed: int, accum_steps: int = 1,
+                         ema_decay: float | None = None):
+    """The pure ``step(state, batch, frozen) -> (state, metrics)`` of several optimizers, one per
+    parameter group, updated in turn (each sees the groups updated before it); see make_train_step."""
 
     def step(state: TrainState, batch: dict, frozen):
         rng = step_rng(seed, state.step)
-        params, metrics = state.params, {}
-        opt_states = dict(state.opt_state) if multi else None
-        for i, group in enumerate(groups):
-            r = jax.random.fold_in(rng, i) if multi else rng
-            if multi:
-                params, opt_states[group], m = one_update(group, params, opt_states[group], frozen, batch, r)
-                metrics.update({f"{group}/{k}": v for k, v in m.items()})
-            else:
-                params, opt_state, metrics = one_update(None, params, state.opt_state, frozen, batch, r)
-        ema = state.ema_params
-        if ema is not None:
-            ema = optax.incremental_update(_without(params, state_group), _without(ema, state_group), 1.0 - ema_decay)
-            if state_group is not None:  # the averaged weights are used with the current statistics
-                ema = dict(ema, **{state_group: params[state_group]})
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_states if multi else opt_state,
-                             ema_params=ema), metrics
+        params, opt_states, metrics = state.params, dict(state.opt_state), {}
+        for i, group in enumerate(txs):
+            def loss(p, micro_batch, r, _, group=group, params=params):
+                value, group_metrics = loss_fns[group](dict(params, **{group: p}), frozen, micro_batch, r)
+                return value, (group_metrics, None)
 
+            grads, value, group_metrics, _ = _accumulated_grads(loss, params[group], batch,
+                                                                jax.random.fold_in(rng, i), accum_steps)
+            own, opt_states[group] = _apply_updates(txs[group], grads, opt_states[group], params[group])
+            params = dict(params, **{group: own})
+            group_metrics = dict(group_metrics, loss=value, grad_norm=optax.tree.norm(grads))
+            metrics.update({f"{group}/{k}": v for k, v in group_metrics.items()})
+        return _advanced(state, params, opt_states, ema_decay), metrics
+
+    return step
+
+
+def compile_step(step, *, mesh: Mesh, rules, state_shardings, batch_shardings, frozen_shardings=None):
+    """``step`` jitted with its shardings, the state donated (frozen weights never are), run under
+    ``mesh`` and the logical axis ``rules``; ``.jitted`` is the jitted function (for lowering)."""
+    rules = shd.normalize_rules(rules)
     jitted = jit(
         step,
         training=True,
@@ -224,8 +245,24 @@ def make_train_step(
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return jitted(state, batch, frozen)
 
-    run.jitted = jitted  # for lowering / inspecting the compiled step
+    run.jitted = jitted
     return run
+
+
+def _apply_updates(tx, grads, opt_state, params):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+def _advanced(state: TrainState, params, opt_state, ema_decay, state_group: str | None = None) -> TrainState:
+    """The next step's state; the EMA of the trained groups (the averaged weights are used with the
+    current ``state_group`` statistics)."""
+    ema = state.ema_params
+    if ema is not None:
+        ema = optax.incremental_update(_without(params, state_group), _without(ema, state_group), 1.0 - ema_decay)
+        if state_group is not None:
+            ema = dict(ema, **{state_group: params[state_group]})
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
 
 
 def _without(params, group: str | None):
