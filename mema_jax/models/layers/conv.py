@@ -75,30 +75,7 @@ from mema_jax.core.compile import trace_platform
 
 CONV_IMPLS = ("auto", "xla", "im2col")
 
-# The "auto" thresholds (CPU only), from ``python benchmarks/bench_unet.py --conv-shapes`` (one core
-# of a quiet 2-core Xeon, AVX-512, jax 0.10.2 with core/compile's options, torch 2.14, fp32, 3x3,
-# padding 1, minimum of 3 calls; in = out channels), ms, lax.conv / im2col (PyTorch conv2d):
-#
-#   stride 1, batch 1     forward                        forward + gradients (input and kernel)
-#   2x2 @ 320 / 1280      2.33 / 0.24 (0.40); 227 / 10   5.73 / 1.56 (1.45); 514 / 165 (48)
-#   4x4 @ 320 / 1280      0.32 / 0.29; 5.8 / 5.9         2.32 / 1.82 (1.54); 118 / 164 (50)
-#   8x8 @ 128 / 640       0.17 / 0.14; 2.4 / 2.5         0.78 / 0.53 (0.84); 16.7 / 32.0 (16.2)
-#   16x16 @ 64 / 320      0.21 / 0.21; 2.4 / 2.6         0.95 / 0.56 (0.89); 10.5 / 8.95 (8.8)
-#   16x16 @ 640           9.4 / 10.0                     41.5 / 56.6 (39.8)
-#   32x32 @ 32 / 320      0.20 / 0.29; 9.2 / 10.9        1.40 / 0.76 (0.94); 38.1 / 34.9 (31.7)
-#   64x64 @ 64 / 128      1.9 / 2.9; 6.3 / 9.5           12.0 / 9.8 (6.5); 32.1 / 30.5 (21.8)
-#   64x64 @ 320           39 / 74                        149 / 178 (138)
-#   stride 1, batch 8
-#   2x2 @ 128 / 1280      2.1 / 0.11; 1679 / 15          3.9 / 0.39; 3264 / 180 (141)
-#   4x4 @ 32 / 320        0.05 / 0.04; 1.28 / 1.27       0.16 / 0.11 (0.41); 5.05 / 4.76 (5.51)
-#   8x8 @ 64 / 320        0.31 / 0.35; 4.7 / 5.2         0.94 / 1.21 (1.13); 15.6 / 17.4 (16.5)
-#   16x16 @ 32 / 320      0.34 / 0.52; 18 / 32           1.03 / 1.47 (1.23); 59 / 80 (62)
-#   64x64 @ 32            4.5 / 27                       14.5 / 48 (17.1)
-#   stride 2, batch 1 (map: the input's side)
-#   8x8 @ 128 / 1280      0.08 / 0.06; 6.6 / 5.8         0.49 / 0.30 (0.50); 120 / 160 (131)
-#   32x32 @ 32 / 320      0.08 / 0.08; 2.4 / 2.6         0.66 / 0.18 (0.63); 13.5 / 9.0 (10.3)
-#   64x64 @ 128 / 640     1.7 / 2.2; 38 / 53             11.9 / 7.2 (8.6); 166 / 160 (160)
-#   stride 2, batch 8: (64x64 @ 32 -> 64) 1.84 / 7.33, 7.22 / 13.1 (8.4)
+# Thresholds measured on CPU: benchmarks/results/conv_lowering.md (python benchmarks/bench_unet.py --conv-shapes).
 AUTO_TINY_MAP = 4
 AUTO_SMALL_KERNEL = 9 * 320 * 320
 AUTO_FORWARD_MAX_PIXELS = 64
@@ -107,23 +84,9 @@ AUTO_BACKWARD_MAX_BATCH = 2
 AUTO_BACKWARD_MAX_PATCHES = 1 << 22
 AUTO_BACKWARD_SMALL_MAP = 16
 AUTO_BACKWARD_SMALL_MAP_BATCH = 16
-# Gradients of large kernels (more than AUTO_SMALL_KERNEL elements) in a training step (YNNPACK dots,
-# mema_jax.core.compile): lax.conv's input gradient transposes the whole kernel in memory, im2col's
-# is one matmul.  ms, lax.conv / im2col (PyTorch), input gradient; input and kernel gradients:
-#   b1 4x4 @ 1280       87 / 17 (12);   132 / 47 (43)      b1 4x4 @ 2560:1280  326 / 41 (130)
-#   b1 8x8 @ 1280       89 / 36 (82);   143 / 74 (150)     b2 4x4 @ 1280       88 / 25 (67)
-#   b1 8x8 @ 640        10.2 / 8.5;     17.8 / 13.0        b2 8x8 @ 640        15.1 / 14.7; 25.6 / 21.1
-#   b1 16x16 @ 640      25.9 / 25.8;    42.9 / 38.6        b8 8x8 @ 640        49.8 / 52.1; 74.4 / 79.6
+# Large kernels on few output rows: im2col's gradients (benchmarks/results/conv_lowering.md).
 AUTO_BACKWARD_LARGE_KERNEL_MAX_ROWS = 256
-# x2 upsample + 3x3 convolution, folded vs upsample-then-convolution (both with the lowerings above)
-# (PyTorch interpolate + conv2d), ms, one core, input map before the upsample:
-#   forward    b1 256x256 128->64  201 / 393 (406)     b1 128x128 256->128  158 / 312 (315)
-#              b1 64x64 320        90 / 199 (207)      b1 32x32 640         123 / 203 (222)
-#              b1 32x32 128        4.0 / 8.1 (10.1)    b1 16x16 1280        231 / 193 (221)
-#   + grads    b24 32x32 64->32    75 / 161 (168)      b24 16x16 128->64    48 / 97 (100)
-#              b1 32x32 640        534 / 752 (627)     b2 16x16 64          4.4 / 5.7 (4.5)
-#              b8 8x8 128          12.8 / 14.1 (13.7)  b1 16x16 320         61 / 45 (44)
-#              b2 8x8 64           2.4 / 1.6 (1.5)     b1 8x8 1280          1056 / 193 (296)
+# The fold pays from this many input rows on (benchmarks/results/conv_lowering.md).
 AUTO_FOLD_MIN_ROWS = 512
 DIRECTIONS = ("forward", "backward")
 
