@@ -15,43 +15,42 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
-from launch.pipeline import run_stages
+from launch import stages as stages_lib
+from launch.stages import Stage, python
 
 VARIANTS = ("full", "m1", "m2", "m3", "m4", "recover_image")
 DATA = "data/mema_synth_64_3k"
 
 
-def stages(args) -> list[tuple[str, list[str], Path]]:
+def stages(args) -> list[Stage]:
     runs, pipeline = Path(args.runs), Path(args.pipeline)
-    cli = [sys.executable, "-m", "deid_jax.deidentify"]
     out = []
     methods = []
     for variant in VARIANTS:
         workdir, method = runs / variant, runs / variant / "method"
         config = "configs/medsem_deid.py:synth" + ("" if variant == "full" else f",{variant}")
-        out.append((f"train {variant}", [sys.executable, "-m", "launch.main", f"--config={config}",
-                                         f"--workdir={workdir}", f"--config.data.root={DATA}",
-                                         f"--config.medical_encoder.source={pipeline / 'unet' / 'model'}",
-                                         f"--config.identity.weights={pipeline / 'identity' / 'backbone.pth'}",
-                                         f"--config.total_steps={args.steps}", f"--config.batch_size={args.batch}",
-                                         f"--config.optim.lr={args.lr}",
-                                         f"--config.eval_every={args.steps}", f"--config.checkpoint_every={args.steps}"],
-                    workdir / "model"))
-        out.append((f"deidentify {variant}", [*cli, "deidentify", f"--model={workdir / 'model'}", f"--in={DATA}",
-                                              "--split=val", f"--out={method}", "--passphrase-env=MEMA_PASSPHRASE"],
-                    method / "deid"))
-        out.append((f"recover {variant}", [*cli, "recover", f"--model={workdir / 'model'}", f"--in={method}",
-                                           "--passphrase-env=MEMA_PASSPHRASE"], method / "recovered"))
+        train = python("launch.main", f"--config={config}", f"--workdir={workdir}", f"--config.data.root={DATA}",
+                       f"--config.medical_encoder.source={pipeline / 'unet' / 'model'}",
+                       f"--config.identity.weights={pipeline / 'identity' / 'backbone.pth'}",
+                       f"--config.total_steps={args.steps}", f"--config.batch_size={args.batch}",
+                       f"--config.optim.lr={args.lr}", f"--config.eval_every={args.steps}",
+                       f"--config.checkpoint_every={args.steps}")
+        out.append(Stage(f"train {variant}", train, workdir / "model"))
+        out.append(Stage(f"deidentify {variant}", python("deid_jax.deidentify", "deidentify", f"--model={workdir / 'model'}",
+                                                         f"--in={DATA}", "--split=val", f"--out={method}",
+                                                         "--passphrase-env=MEMA_PASSPHRASE"), method / "deid"))
+        out.append(Stage(f"recover {variant}", python("deid_jax.deidentify", "recover", f"--model={workdir / 'model'}",
+                                                      f"--in={method}", "--passphrase-env=MEMA_PASSPHRASE"),
+                         method / "recovered"))
         methods.append(f"{variant}={method}")
-    out.append(("report", [sys.executable, "-m", "eval.report", f"--config=configs/eval_mema.py:{','.join(methods)}",
-                           f"--out={runs / 'report'}", f"--config.originals.root={DATA}",
-                           f"--config.medical.classifier={args.classifier or pipeline / 'medclass'}",
-                           *([f"--config.identity.models.arcface_r18.weights={args.identity_eval}"]
-                             if Path(args.identity_eval).is_file() else [])],
-                runs / "report" / "tables.md"))
+    out.append(Stage("report", python("eval.report", f"--config=configs/eval_mema.py:{','.join(methods)}",
+                                      f"--out={runs / 'report'}", f"--config.originals.root={DATA}",
+                                      f"--config.medical.classifier={args.classifier or pipeline / 'medclass'}",
+                                      *([f"--config.identity.models.arcface_r18.weights={args.identity_eval}"]
+                                        if Path(args.identity_eval).is_file() else [])),
+                     runs / "report" / "tables.md"))
     return out
 
 
@@ -68,7 +67,7 @@ def main() -> int:
     args = parser.parse_args()
     env = dict(os.environ)
     env.setdefault("MEMA_PASSPHRASE", "mema-jax benchmark passphrase")
-    if not run_stages(stages(args), env):
+    if not stages_lib.run(stages(args), env):
         return 1
     print(f"tables: {Path(args.runs) / 'report' / 'tables.md'}")
     return 0

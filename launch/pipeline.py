@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from launch import stages as stages_lib
+from launch.stages import Stage, python
 
 DEMO_PASSPHRASE = "mema-jax quickstart demo passphrase"
 PASSPHRASE_ENV = "MEMA_PASSPHRASE"
@@ -66,40 +67,38 @@ PRESETS = {
 STAGES = ("classifier", "unet", "identity", "deid", "deidentify", "recover", "medclass", "report", "grid")
 
 
-def _trainer(config: str, workdir: Path, data: str, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "launch.main", f"--config={config}", f"--workdir={workdir}",
-            f"--config.data.root={data}", *overrides]
+def _trainer(config: str, workdir: Path, data: str, *overrides: str) -> tuple[str, ...]:
+    return python("launch.main", f"--config={config}", f"--workdir={workdir}", f"--config.data.root={data}", *overrides)
 
 
-def plan(preset: str, runs: Path, data: str = "") -> list[tuple[str, list[str], Path]]:
-    """(stage, command, the output whose existence means the stage is done), in order."""
+def plan(preset: str, runs: Path, data: str = "") -> list[Stage]:
+    """The stages, in order."""
     p, data = PRESETS[preset], data or DATA[preset]
     method = runs / "method"
     unet_model, backbone, deid_model = runs / "unet" / "model", runs / "identity" / "backbone.pth", runs / "deid" / "model"
-    cli = [sys.executable, "-m", "deid_jax.deidentify"]
     report_args = [f"--config.originals.root={data}", f"--config.medical.classifier={runs / 'medclass'}"]
     if p["report_images"]:
         report_args.append(f"--config.max_images={p['report_images']}")
     return [
-        ("classifier", _trainer(p["classifier"][0], runs / "classifier", data, *p["classifier"][1]),
-         runs / "classifier" / "metrics.csv"),
-        ("unet", _trainer(p["unet"][0], runs / "unet", data, *p["unet"][1]), unet_model),
-        ("identity", _trainer(p["identity"][0], runs / "identity", data, *p["identity"][1]), backbone),
-        ("deid", _trainer(p["deid"][0], runs / "deid", data, f"--config.medical_encoder.source={unet_model}",
-                          f"--config.identity.weights={backbone}", *p["deid"][1]), deid_model),
-        ("deidentify", [*cli, "deidentify", f"--model={deid_model}", f"--in={data}", "--split=val",
-                        f"--out={method}", f"--passphrase-env={PASSPHRASE_ENV}"], method / "features"),
-        ("recover", [*cli, "recover", f"--model={deid_model}", f"--in={method}", f"--passphrase-env={PASSPHRASE_ENV}"],
-         method / "recovered"),
-        ("recover", [*cli, "recover", f"--model={deid_model}", f"--in={method}", f"--out={method / 'wrong'}",
-                     "--passphrase-env=MEMA_WRONG_PASSPHRASE"], method / "wrong"),
-        ("medclass", [sys.executable, "-m", "eval.medical.classification", "train", f"--data={data}",
-                      "--backbone=resnet18", f"--out={runs / 'medclass'}", *p["medclass"]],
-         runs / "medclass" / "classifier"),
-        ("report", [sys.executable, "-m", "eval.report", f"--config=configs/eval_mema.py:medsem_deid={method}",
-                    f"--out={runs / 'report'}", *report_args], runs / "report" / "tables.md"),
-        ("grid", [sys.executable, "-m", "launch.pipeline", "grid", f"--data={data}", f"--method={method}",
-                  f"--out={runs / 'grid.png'}"], runs / "grid.png"),
+        Stage("classifier", _trainer(p["classifier"][0], runs / "classifier", data, *p["classifier"][1]),
+              runs / "classifier" / "metrics.csv"),
+        Stage("unet", _trainer(p["unet"][0], runs / "unet", data, *p["unet"][1]), unet_model),
+        Stage("identity", _trainer(p["identity"][0], runs / "identity", data, *p["identity"][1]), backbone),
+        Stage("deid", _trainer(p["deid"][0], runs / "deid", data, f"--config.medical_encoder.source={unet_model}",
+                               f"--config.identity.weights={backbone}", *p["deid"][1]), deid_model),
+        Stage("deidentify", python("deid_jax.deidentify", "deidentify", f"--model={deid_model}", f"--in={data}",
+                                   "--split=val", f"--out={method}", f"--passphrase-env={PASSPHRASE_ENV}"),
+              method / "features"),
+        Stage("recover", python("deid_jax.deidentify", "recover", f"--model={deid_model}", f"--in={method}",
+                                f"--passphrase-env={PASSPHRASE_ENV}"), method / "recovered"),
+        Stage("recover", python("deid_jax.deidentify", "recover", f"--model={deid_model}", f"--in={method}",
+                                f"--out={method / 'wrong'}", "--passphrase-env=MEMA_WRONG_PASSPHRASE"), method / "wrong"),
+        Stage("medclass", python("eval.medical.classification", "train", f"--data={data}", "--backbone=resnet18",
+                                 f"--out={runs / 'medclass'}", *p["medclass"]), runs / "medclass" / "classifier"),
+        Stage("report", python("eval.report", f"--config=configs/eval_mema.py:medsem_deid={method}",
+                               f"--out={runs / 'report'}", *report_args), runs / "report" / "tables.md"),
+        Stage("grid", python("launch.pipeline", "grid", f"--data={data}", f"--method={method}",
+                             f"--out={runs / 'grid.png'}"), runs / "grid.png"),
     ]
 
 
@@ -120,55 +119,33 @@ def write_grid(data: Path, method: Path, out: Path, examples: int = 8) -> Path:
     return out
 
 
-def run_stages(stages, env) -> bool:
-    """Runs each (name, command, done) whose ``done`` path is missing, in order; False at the first
-    that fails.  Exit status 3 (the CLI: some inputs listed in failures.csv) counts as done."""
-    for stage, command, done in stages:
-        if done.exists():
-            print(f"[{stage}] cached: {done}")
-            continue
-        print(f"[{stage}] {shlex.join(command)}", flush=True)
-        t0 = time.time()
-        result = subprocess.run(command, env=env)
-        if result.returncode not in (0, 3) or not done.exists():
-            print(f"pipeline: stage {stage} failed (exit {result.returncode}); rerun to resume from it", file=sys.stderr)
-            return False
-        print(f"[{stage}] done in {time.time() - t0:.0f} s", flush=True)
-    return True
+def _grid_command(argv: list[str]) -> int:
+    g = argparse.ArgumentParser(prog="python -m launch.pipeline grid")
+    g.add_argument("--data", required=True)
+    g.add_argument("--method", required=True)
+    g.add_argument("--out", required=True)
+    a = g.parse_args(argv)
+    print(f"grid: {write_grid(Path(a.data), Path(a.method), Path(a.out))}")
+    return 0
 
 
 def main(argv=None) -> int:
-    if argv is None:
-        argv = sys.argv[1:]
-    if argv[:1] == ["grid"]:
-        g = argparse.ArgumentParser(prog="python -m launch.pipeline grid")
-        g.add_argument("--data", required=True)
-        g.add_argument("--method", required=True)
-        g.add_argument("--out", required=True)
-        a = g.parse_args(argv[1:])
-        print(f"grid: {write_grid(Path(a.data), Path(a.method), Path(a.out))}")
-        return 0
-    parser = argparse.ArgumentParser(prog="python -m launch.pipeline", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
-    parser.add_argument("--runs", default="runs/pipeline", help="where every stage writes")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    helper = stages_lib.run_helper(argv, {"grid": _grid_command})
+    if helper is not None:
+        return helper
+    parser = stages_lib.parser("python -m launch.pipeline", __doc__, PRESETS, STAGES, default_runs="runs/pipeline")
     parser.add_argument("--data", default="", help="the MeMa-Synth root (default: the preset's, rendered on first use)")
-    parser.add_argument("--only", default="", help=f"comma-separated stages to run (of {', '.join(STAGES)})")
     args = parser.parse_args(argv)
-    only = [s for s in args.only.split(",") if s]
-    unknown = sorted(set(only) - set(STAGES))
-    if unknown:
-        parser.error(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
     runs = Path(args.runs)
+    stages = stages_lib.select_or_exit(parser, plan(args.preset, runs, args.data), args.only)
     env = dict(os.environ)
     if PASSPHRASE_ENV not in env:
         env[PASSPHRASE_ENV] = DEMO_PASSPHRASE
         print(f"pipeline: ${PASSPHRASE_ENV} is not set; using the demonstration passphrase {DEMO_PASSPHRASE!r}")
     env.setdefault("MEMA_WRONG_PASSPHRASE", WRONG_PASSPHRASE)
     t_start = time.time()
-    stages = [(stage, command, done) for stage, command, done in plan(args.preset, runs, args.data)
-              if not only or stage in only]
-    if not run_stages(stages, env):
+    if not stages_lib.run(stages, env):
         return 1
     print(f"pipeline: finished in {time.time() - t_start:.0f} s")
     for what, path in (("tables", runs / "report" / "tables.md"), ("grid", runs / "grid.png"),
