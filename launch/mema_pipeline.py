@@ -22,7 +22,8 @@ whose output exists is skipped; a rerun resumes at the first missing one):
   tab1        Tab. 1: identity leakage of direct vs injected (eval bridge, python -m eval.leakage_filter tab1;
               thresholds chosen on same/different pairs of the real set's validation people, --pairs real:val)
   tab2        Tab. 2: Wasserstein distances of random and real-guided labels to the real set
-  filter      Step 3: the injected set without the images that leak, a new MeMa folder (runs/mema/mema)
+  filter      Step 3: the injected set without the images that leak, a new MeMa folder (runs/mema/mema);
+              it reuses the identity features Tab. 1 computed (runs/mema/embeddings: biometric data, kept there)
   grid        <runs>/grid.png: a reference face | its injected sample, and direct samples
 
 The JAX stages run on the core install; tab1, tab2 and filter need the eval bridge (make setup-all).
@@ -30,14 +31,13 @@ The JAX stages run on the core install; tab1, tab2 and filter need the eval brid
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import os
 import sys
 import time
 from pathlib import Path
 
-from launch.pipeline import run_stages
+from launch import stages as stages_lib
+from launch.stages import Stage, python
 
 # Over layout.DISEASES (Normal, BCC, Conj, Uveitis, Ptosis, SCC, Strab, TAO): an eye clinic's mix,
 # far from uniform, so that Tab. 2 can tell real-guided from random sampling.
@@ -68,12 +68,8 @@ PRESETS = {
 }
 
 
-def _py(*args: str) -> list[str]:
-    return [sys.executable, "-m", *args]
-
-
-def plan(runs: Path, preset: str = "quick", images: int = 0, data_dir: str = "") -> list[tuple[str, list[str], Path]]:
-    """(stage, command, the output whose existence means the stage is done), in order."""
+def plan(runs: Path, preset: str = "quick", images: int = 0, data_dir: str = "") -> list[Stage]:
+    """The stages, in order."""
     p = PRESETS[preset]
     data, public, res = p["data"], p["public"], p["resolution"]
     if data_dir:  # the two rendered folders elsewhere than data/
@@ -87,43 +83,44 @@ def plan(runs: Path, preset: str = "quick", images: int = 0, data_dir: str = "")
                    f"--config.real.root={data}", f"--config.public_faces.folder={public}",
                    f"--config.sample.num_images={images or p['images']}", *p["sample_args"]]
     identity_models = ["--model=dlib", f"--model=arcface_r18={backbone}", "--pairs=real:val", "--faces=real-mean",
-                       f"--real={data}", "--real-split=train"]
+                       f"--real={data}", "--real-split=train", f"--embedding-cache={runs / 'embeddings'}"]
     sample = p["sample"]
-    return [
-        ("data", _py("mema_jax.data.synth", f"--out={data}", f"--num-images={p['real_images']}",
+    stages = [
+        ("data", python("mema_jax.data.synth", f"--out={data}", f"--num-images={p['real_images']}",
                      "--images-per-identity=4", f"--resolution={res}", "--seed=0", f"--class-weights={weights}",
                      "--female-fraction=0.6", "--workers=2"), Path(data) / "labels.csv"),
-        ("public", _py("mema_jax.data.synth", f"--out={public}", f"--num-images={p['public_images']}",
+        ("public", python("mema_jax.data.synth", f"--out={public}", f"--num-images={p['public_images']}",
                        "--images-per-identity=1", f"--resolution={res}", "--seed=1", "--class-weights=1,0,0,0,0,0,0,0",
                        "--workers=1"), Path(public) / "labels.csv"),
-        ("public", _py("launch.mema_pipeline", "public-metadata", f"--folder={public}"), Path(public) / "metadata.csv"),
-        ("unet", _py("launch.main", f"--config={p['unet'][0]}", f"--workdir={unet}", f"--config.data.root={data}",
+        ("public", python("launch.mema_pipeline", "public-metadata", f"--folder={public}"), Path(public) / "metadata.csv"),
+        ("unet", python("launch.main", f"--config={p['unet'][0]}", f"--workdir={unet}", f"--config.data.root={data}",
                      no_render, "--config.eval_every=0", "--config.sample.every=0", *p["unet"][1]), unet / "model"),
-        ("encoder", _py("launch.mema_pipeline", "image-encoder", f"--out={encoder}", f"--image-size={res}"), encoder),
-        ("ip_adapter", _py("launch.main", f"--config={p['ip_adapter'][0]}", f"--workdir={ip}",
+        ("encoder", python("launch.mema_pipeline", "image-encoder", f"--out={encoder}", f"--image-size={res}"), encoder),
+        ("ip_adapter", python("launch.main", f"--config={p['ip_adapter'][0]}", f"--workdir={ip}",
                            f"--config.data.root={data}", no_render, "--config.mode=ip_adapter",
                            f"--config.model.pretrained={unet / 'model'}", f"--config.ip_adapter.image_encoder={encoder}",
                            "--config.ema_decay=0", "--config.eval_every=0", "--config.sample.every=0",
                            *p["ip_adapter"][1]), ip / "ip_adapter" / "ip-adapter.safetensors"),
-        ("identity", _py("launch.main", f"--config={p['identity'][0]}", f"--workdir={runs / 'identity'}",
+        ("identity", python("launch.main", f"--config={p['identity'][0]}", f"--workdir={runs / 'identity'}",
                          f"--config.data.root={data}", no_render, "--config.seed=1", *p["identity"][1]), backbone),
-        ("direct", _py("launch.main", f"--config=configs/mema_sample.py:{sample},direct", f"--workdir={runs / 'direct'}",
+        ("direct", python("launch.main", f"--config=configs/mema_sample.py:{sample},direct", f"--workdir={runs / 'direct'}",
                        *sample_args), runs / "direct" / "summary.json"),
-        ("injected", _py("launch.main", f"--config=configs/mema_sample.py:{sample}", f"--workdir={runs / 'injected'}",
+        ("injected", python("launch.main", f"--config=configs/mema_sample.py:{sample}", f"--workdir={runs / 'injected'}",
                          *sample_args), runs / "injected" / "summary.json"),
-        ("random", _py("launch.main", f"--config=configs/mema_sample.py:{sample},random", f"--workdir={runs / 'random'}",
+        ("random", python("launch.main", f"--config=configs/mema_sample.py:{sample},random", f"--workdir={runs / 'random'}",
                        *sample_args), runs / "random" / "summary.json"),
-        ("tab1", _py("eval.leakage_filter", "tab1", f"--row=Direct sample={runs / 'direct'}",
+        ("tab1", python("eval.leakage_filter", "tab1", f"--row=Direct sample={runs / 'direct'}",
                      f"--row=Face injection={runs / 'injected'}", *identity_models, f"--out={runs / 'tab1'}"),
          runs / "tab1" / "tab1_leakage.md"),
-        ("tab2", _py("eval.report.tab2_label_distance", f"--real={data}", "--real-split=train",
+        ("tab2", python("eval.report.tab2_label_distance", f"--real={data}", "--real-split=train",
                      f"--row=Random sampling={runs / 'random'}", f"--row=Real-guided sampling={runs / 'injected'}",
                      f"--out={runs / 'tab2'}"), runs / "tab2" / "tab2_wasserstein.md"),
-        ("filter", _py("eval.leakage_filter", "filter", f"--generated={runs / 'injected'}", *identity_models,
+        ("filter", python("eval.leakage_filter", "filter", f"--generated={runs / 'injected'}", *identity_models,
                        f"--out={runs / 'mema'}"), runs / "mema"),
-        ("grid", _py("launch.mema_pipeline", "grid", f"--runs={runs}", f"--public={public}", f"--out={runs / 'grid.png'}"),
+        ("grid", python("launch.mema_pipeline", "grid", f"--runs={runs}", f"--public={public}", f"--out={runs / 'grid.png'}"),
          runs / "grid.png"),
     ]
+    return [Stage(*stage) for stage in stages]
 
 
 # ----------------------------------------------------------------------------- helper commands
@@ -132,16 +129,13 @@ def plan(runs: Path, preset: str = "quick", images: int = 0, data_dir: str = "")
 def write_public_metadata(folder: Path, out: Path) -> Path:
     """``image,age,gender`` of a MeMa folder's images, from its labels (MeMa-Synth knows them)."""
     from mema_jax.data import layout
-    from mema_jax.fileio import atomic_write_bytes
+    from mema_jax.fileio import atomic_write_bytes, csv_bytes
 
     if out.exists():
         raise FileExistsError(f"{out}: exists; outputs are never overwritten")
     records = layout.read_dataset(folder, verify_images=False).records
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["image", "age", "gender"])
-    writer.writerows((r.image, r.age, r.gender) for r in records if r.age is not None and r.gender)
-    atomic_write_bytes(out, buf.getvalue().encode())
+    atomic_write_bytes(out, csv_bytes(["image", "age", "gender"],
+                                      [(r.image, r.age, r.gender) for r in records if r.age is not None and r.gender]))
     return out
 
 
@@ -185,40 +179,39 @@ def write_grid(runs: Path, public: Path, out: Path, examples: int = 8) -> Path:
     return out
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    helpers = {"public-metadata", "image-encoder", "grid"}
-    if argv[:1] and argv[0] in helpers:
-        p = argparse.ArgumentParser(prog=f"python -m launch.mema_pipeline {argv[0]}")
+def _helper(name: str):
+    def command(argv: list[str]) -> int:
+        p = argparse.ArgumentParser(prog=f"python -m launch.mema_pipeline {name}")
         p.add_argument("--out", default="")
         p.add_argument("--folder", default="")
         p.add_argument("--runs", default="")
         p.add_argument("--public", default="")
         p.add_argument("--image-size", type=int, default=64)
-        a = p.parse_args(argv[1:])
-        if argv[0] == "public-metadata":
+        a = p.parse_args(argv)
+        if name == "public-metadata":
             print(write_public_metadata(Path(a.folder), Path(a.out or Path(a.folder) / "metadata.csv")))
-        elif argv[0] == "image-encoder":
+        elif name == "image-encoder":
             print(write_image_encoder(Path(a.out), a.image_size))
         else:
             print(write_grid(Path(a.runs), Path(a.public), Path(a.out)))
         return 0
-    parser = argparse.ArgumentParser(prog="python -m launch.mema_pipeline", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--runs", default="runs/mema", help="where every stage writes")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+
+    return command
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    helper = stages_lib.run_helper(argv, {name: _helper(name) for name in ("public-metadata", "image-encoder", "grid")})
+    if helper is not None:
+        return helper
+    parser = stages_lib.parser("python -m launch.mema_pipeline", __doc__, PRESETS, STAGES, default_runs="runs/mema")
     parser.add_argument("--images", type=int, default=0, help="images per sampled set (default: the preset's)")
     parser.add_argument("--data-dir", default="", help="render the two MeMa-Synth folders here (default: data/)")
-    parser.add_argument("--only", default="", help=f"comma-separated stages to run (of {', '.join(STAGES)})")
     args = parser.parse_args(argv)
-    only = [s for s in args.only.split(",") if s]
-    unknown = sorted(set(only) - set(STAGES))
-    if unknown:
-        parser.error(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
     runs = Path(args.runs)
     t0 = time.time()
-    stages = [s for s in plan(runs, args.preset, args.images, args.data_dir) if not only or s[0] in only]
-    if not run_stages(stages, dict(os.environ)):
+    stages = stages_lib.select_or_exit(parser, plan(runs, args.preset, args.images, args.data_dir), args.only)
+    if not stages_lib.run(stages, os.environ):
         return 1
     print(f"mema pipeline: finished in {time.time() - t0:.0f} s")
     for what, path in (("Tab. 1", runs / "tab1" / "tab1_leakage.md"), ("Tab. 2", runs / "tab2" / "tab2_wasserstein.md"),

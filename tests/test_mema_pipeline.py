@@ -1,6 +1,10 @@
 """The offline MeMa generation run (``python -m launch.mema_pipeline``) at its tiny preset: every
 stage runs as a user would run it, Tab. 1 and Tab. 2 are written, the filtered folder is a MeMa
-folder of the injected samples that passed, and a second run is all cached."""
+folder of the injected samples that passed, and a second run is all cached.  Its two training
+stages that the quickstart shares (the tiny pixel-space UNet, configs/mema_lora.py:tiny in full, and
+the tiny ArcFace, configs/identity.py:tiny) are the suite's shared trained models (conftest.py),
+linked in as cached stages: trained on the quickstart's MeMa-Synth rather than the clinic mix, they
+serve the IP-Adapter and the leakage filter alike; every other stage runs."""
 import csv
 import os
 import subprocess
@@ -23,9 +27,16 @@ def mema_pipeline(runs, data_dir):
     return result.stdout
 
 
-def test_every_stage_runs_writes_tab1_tab2_and_the_filtered_folder(tmp_path):
+def test_every_stage_runs_writes_tab1_tab2_and_the_filtered_folder(tmp_path, tiny_diffusion_model,
+                                                                   tiny_identity_backbone):
     runs, data = tmp_path / "runs", tmp_path / "data"
+    runs.mkdir()
+    for stage, trained in (("unet", tiny_diffusion_model.parent), ("identity", tiny_identity_backbone.parent)):
+        (runs / stage).symlink_to(trained, target_is_directory=True)
     first = mema_pipeline(runs, data)
+    cached = [line.split("]")[0].lstrip("[") for line in first.splitlines() if "] cached: " in line]
+    assert cached == ["unet", "identity"], first
+    assert len(list((runs / "embeddings").glob("*.npz"))) == 2  # Tab. 1's features, reused by the filter
     tab1 = (runs / "tab1" / "tab1_leakage.csv").read_text().splitlines()
     assert tab1[0] == "Row,dlib,arcface_r18,Average"
     assert [line.split(",")[0] for line in tab1[1:]] == ["Direct sample", "Face injection"]

@@ -490,3 +490,42 @@ def test_thresholds_chosen_on_the_real_folders_held_out_split(tmp_path, dlib_mod
     error = run_main(["tab1", "--row=a=x", f"--real={tmp_path}", "--model=dlib", "--pairs=real:tset",
                       f"--out={tmp_path.parent / (tmp_path.name + '_t')}"], capsys)
     assert "--pairs real:tset: unknown split 'tset'" in error
+
+
+# ------------------------------------------------------------------------------------ embedding cache
+
+def test_the_embedding_cache_lets_the_filter_reuse_what_tab1_embedded_and_changes_nothing(tmp_path):
+    """Tab. 1 then the filter over the same gallery and generated set with one --embedding-cache: the
+    filter embeds no image again and decides exactly as without the cache; an image whose bytes
+    change is embedded again (rows are keyed by the file's content, model, weights and detector)."""
+    from eval.leakage_filter import load_models, tab1_table
+
+    real, generated, cache = tmp_path / "real", tmp_path / "generated", tmp_path / "cache"
+    write_real(real, extra=False)
+    kinds = write_generated(generated, edit_sources(extra=False)[:3], [("celeba_3", 0)], grey=False, extras=False)
+    models = load_models(["dlib"])
+    embedded = []
+    real_embed = models["dlib"].embed
+
+    def counting_embed(images, faces=None):  # the real model; counts the images it is given
+        embedded.append(len(images))
+        return real_embed(images, faces)
+
+    models["dlib"].embed = counting_embed
+    options = dict(thresholds={"dlib": DLIB_THRESHOLD})
+    tab1_table([("gen", generated)], real, models, embedding_cache=cache, **options)
+    n_images = 3 * IN_GALLERY + len(kinds["edit"]) + len(kinds["other"])
+    assert sum(embedded) == n_images and len(list(cache.glob("*.npz"))) == 1
+    embedded.clear()
+    cached = filter_folder(generated, real, tmp_path / "kept_cached", models, embedding_cache=cache, **options)
+    assert sum(embedded) == 0
+    fresh = filter_folder(generated, real, tmp_path / "kept_fresh", models, **options)
+    assert sum(embedded) == n_images
+    assert (tmp_path / "kept_cached" / LEAKAGE_FILE).read_text() == (tmp_path / "kept_fresh" / LEAKAGE_FILE).read_text()
+    np.testing.assert_array_equal(cached.leakage.matches["dlib"].nearest_distance,
+                                  fresh.leakage.matches["dlib"].nearest_distance)
+    changed = generated / "images" / f"{kinds['other'][0]}.png"
+    layout.write_png(changed, photo("celeba_4", 0))
+    embedded.clear()
+    filter_folder(generated, real, tmp_path / "kept_again", models, embedding_cache=cache, **options)
+    assert embedded == [1]
