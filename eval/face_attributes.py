@@ -49,8 +49,6 @@ grey level).
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,7 +63,7 @@ from eval.identity.faces import make_face_finder, warp_affine
 from mema_jax.data import layout
 from mema_jax.data.layout import GENDERS
 from mema_jax.errors import InputError
-from mema_jax.fileio import atomic_write_bytes
+from mema_jax.fileio import atomic_write_bytes, csv_bytes
 
 INPUT_SIZE = 96
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -208,13 +206,6 @@ def _load_rgb(path: Path) -> np.ndarray:
         raise FaceAttributesError(f"{path}: cannot be read as an image ({type(error).__name__}: {error})") from None
 
 
-def _csv_bytes(columns: Sequence[str], rows) -> bytes:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
-    writer.writerows(rows)
-    return buffer.getvalue().encode()
-
 
 def estimate_folder(faces_dir, model: GenderAge | str | Path, out, *, detector: str | None = None,
                     overwrite: bool = False, progress_every: int = 1000) -> Summary:
@@ -266,8 +257,8 @@ def estimate_folder(faces_dir, model: GenderAge | str | Path, out, *, detector: 
         if progress_every and index % progress_every == 0:
             print(f"{PROG}: {index}/{len(names)} images", file=sys.stderr, flush=True)
     no_face_file = no_face_path(out)
-    atomic_write_bytes(no_face_file, _csv_bytes(NO_FACE_COLUMNS, [(n,) for n in no_face]))
-    atomic_write_bytes(out, _csv_bytes(COLUMNS, rows))
+    atomic_write_bytes(no_face_file, csv_bytes(NO_FACE_COLUMNS, [(n,) for n in no_face]))
+    atomic_write_bytes(out, csv_bytes(COLUMNS, rows))
     return Summary(tuple(rows), tuple(no_face), out, no_face_file, source)
 
 

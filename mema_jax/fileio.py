@@ -80,3 +80,15 @@ def write_png(path, image) -> None:
 
     with atomic_file(Path(path)) as tmp:
         Image.fromarray(np.asarray(image)).save(tmp, format="PNG", compress_level=1)
+
+
+def csv_bytes(header, rows) -> bytes:
+    """A CSV file's bytes: the header row, then ``rows`` ("\\n" line ends on every platform)."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue().encode()
