@@ -23,27 +23,16 @@ exported backbone.pth scored by the eval bridge at the recorded faces of the sam
 """
 import ml_collections
 
-from configs.common import base_config
+from configs.common import base_config, data_config, make_tiny, parse_arg
 
 
 def get_config(arg=None):
-    variant = arg or "synth"
-    if variant not in ("synth", "tiny", "gpu"):
-        raise ValueError(f"unknown variant {variant!r} of configs/identity.py; use synth, tiny or gpu")
+    variant, _ = parse_arg(arg, "configs/identity.py", ("synth", "tiny", "gpu"))
     c = base_config()
     c.trainer = "mema_jax.trainers.identity"
     c.variant = variant
 
-    c.data = ml_collections.ConfigDict()
-    c.data.root = "data/mema_synth_64_3k"  # shared with configs/quickstart.py
-    c.data.format = "folder"  # or "arrayrecord": TFDS ArrayRecord shards (python -m mema_jax.data.tfds_mema build)
-    c.data.arrayrecord_dir = ""  # format="arrayrecord": the shards' tfds data dir; "" = <data.root>_arrayrecord
-    c.data.generate_if_missing = True  # render MeMa-Synth at data.root when it is absent
-    c.data.verify_images = True
-    c.data.flip = True  # random horizontal flip of the aligned crop (arcface_torch's augmentation)
-    c.data.workers = 0
-    c.data.synth = ml_collections.ConfigDict(
-        {"num_images": 3000, "images_per_identity": 4, "resolution": 64, "seed": 0})
+    c.data = data_config(augment=None, image_size=None, flip=True)  # flip: of the aligned crop (arcface_torch's augmentation)
     c.train_split = "train"
     c.eval_split = "val"
     c.eval_pairs_seed = 0
@@ -62,15 +51,8 @@ def get_config(arg=None):
     c.log_every = 25
 
     if variant == "tiny":
-        c.data.root = "data/mema_synth_32_tiny"
-        c.data.synth.update(num_images=160, images_per_identity=4, resolution=32)
+        make_tiny(c)
         c.model.update(width=0.125, num_features=64)
-        c.batch_size = 8
-        c.total_steps = 24
-        c.eval_every = 0
-        c.checkpoint_every = 4
-        c.log_every = 4
-        c.optim.warmup_steps = 4
     elif variant == "gpu":
         c.data.root = "data/mema_synth_128"
         c.data.synth.update(num_images=20000, images_per_identity=5, resolution=128)

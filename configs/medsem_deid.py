@@ -55,35 +55,21 @@ Measured (2-core CPU, :synth model, MeMa-Synth 64 px, eval on 4 val batches with
 """
 import ml_collections
 
-from configs.common import base_config
+from configs.common import base_config, data_config, make_tiny, parse_arg, use_real_data
 
 BASES = ("paper", "gpu", "synth", "tiny")
 MODIFIERS = ("m1", "m2", "m3", "m4", "vit_supervised", "vit_mae", "recover_image")
 
 
 def get_config(arg=None):
-    parts = [p for p in (arg or "synth").split(",") if p]
-    base, modifiers = parts[0], parts[1:]
-    if base not in BASES:
-        raise ValueError(f"unknown base variant {base!r} of configs/medsem_deid.py; use one of {BASES}")
-    bad = [m for m in modifiers if m not in MODIFIERS]
-    if bad:
-        raise ValueError(f"unknown modifiers {bad} of configs/medsem_deid.py; use some of {MODIFIERS}")
+    base, modifiers = parse_arg(arg, "configs/medsem_deid.py", BASES, MODIFIERS, default="synth")
+    parts = [base, *modifiers]
     c = base_config()
     c.trainer = "deid_jax.train"
     c.variant = ",".join(parts)
 
-    c.data = ml_collections.ConfigDict()
-    c.data.root = "data/mema_synth_64_3k"
-    c.data.format = "folder"  # or "arrayrecord": TFDS ArrayRecord shards (python -m mema_jax.data.tfds_mema build)
-    c.data.arrayrecord_dir = ""  # format="arrayrecord": the shards' tfds data dir; "" = <data.root>_arrayrecord
-    c.data.image_size = 64
-    c.data.generate_if_missing = True
-    c.data.verify_images = True
-    c.data.augment = False  # a flip would move a one-sided sign to the other eye
-    c.data.workers = 0
-    c.data.diseases = ()  # () = all; Tab. 9's M1 trains on ("Normal",)
-    c.data.synth = ml_collections.ConfigDict({"num_images": 3000, "images_per_identity": 4, "resolution": 64, "seed": 0})
+    # No flip: it would move a one-sided sign to the other eye.  diseases () = all; Tab. 9's M1 trains on ("Normal",).
+    c.data = data_config(augment=False, diseases=())
 
     c.model = ml_collections.ConfigDict({
         "encoder_widths": (64, 128, 256, 512, 512, 512), "face_channels": 512, "med_channels": 320,
@@ -110,11 +96,7 @@ def get_config(arg=None):
     c.log_every = 100
 
     if base in ("paper", "gpu"):
-        c.data.root = ""
-        c.data.generate_if_missing = False
-        c.data.image_size = 512
-        c.data.verify_images = False
-        c.data.workers = 8
+        use_real_data(c)
         c.mesh.update(data=-1, fsdp=1)
     if base == "gpu":
         c.batch_size = 8
@@ -138,34 +120,32 @@ def get_config(arg=None):
         c.checkpoint_every = 250
         c.log_every = 50
     if base == "tiny":
-        c.data.root = "data/mema_synth_32_tiny"
-        c.data.image_size = 32
-        c.data.synth.update(num_images=160, images_per_identity=4, resolution=32)
+        make_tiny(c, total_steps=12, eval_every=6, log_every=2, warmup_steps=None)
         c.medical_encoder.num_down_blocks = 1
         c.model.update(encoder_widths=(16, 32, 32), face_channels=32, width=32, depth=1, heads=2,
                        decoder_widths=(32, 32, 16))
         c.gan.widths = (16, 32)
         c.optim.lr = 2e-3  # the generator: the 300-step test run must learn to recover
-        c.batch_size = 8
-        c.total_steps = 12
-        c.eval_every = 6
         c.eval_batches = 2
-        c.checkpoint_every = 4
-        c.log_every = 2
 
     for m in modifiers:
-        if m in ("m1", "m2"):
-            c.model.med_channels = 0
-            c.loss.lambda_med = 0.0
-            if m == "m1":
-                c.data.diseases = ("Normal",)
-        elif m == "m3":
-            c.loss.lambda_med = 0.0
-        elif m == "m4":
-            c.model.med_channels = 0
-        elif m in ("vit_supervised", "vit_mae"):
-            c.medical_encoder.kind = "vit"
-            c.medical_encoder.source = f"runs/{m}/encoder"
-        elif m == "recover_image":
-            c.model.recover_from = "image"
+        apply_modifier(c, m)
     return c
+
+
+def apply_modifier(c, m: str) -> None:
+    """Tab. 9's ablations (m1-m4), Tab. 10's ViT medical encoders, and recovery from the image alone."""
+    if m in ("m1", "m2"):
+        c.model.med_channels = 0
+        c.loss.lambda_med = 0.0
+        if m == "m1":
+            c.data.diseases = ("Normal",)
+    elif m == "m3":
+        c.loss.lambda_med = 0.0
+    elif m == "m4":
+        c.model.med_channels = 0
+    elif m in ("vit_supervised", "vit_mae"):
+        c.medical_encoder.kind = "vit"
+        c.medical_encoder.source = f"runs/{m}/encoder"
+    elif m == "recover_image":
+        c.model.recover_from = "image"

@@ -34,7 +34,7 @@ target 0.21 / 0.13 / 0.11 at steps 200 / 400 / 600.  The quickstart trains it fo
 """
 import ml_collections
 
-from configs.common import base_config
+from configs.common import base_config, data_config, make_tiny, parse_arg, use_real_data
 
 VARIANTS = ("paper", "gpu", "synth", "synth_lora", "tiny")
 
@@ -54,24 +54,13 @@ def synth_unet(widths=(16, 32, 64), cross_dim=64, heads=4, size=64, attention_le
 
 
 def get_config(arg=None):
-    variant = arg or "synth"
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r} of configs/mema_lora.py; use one of {VARIANTS}")
+    variant, _ = parse_arg(arg, "configs/mema_lora.py", VARIANTS, default="synth")
     c = base_config()
     c.trainer = "mema_jax.trainers.diffusion"
     c.variant = variant
     c.mode = "lora"
 
-    c.data = ml_collections.ConfigDict()
-    c.data.root = "data/mema_synth_64_3k"
-    c.data.format = "folder"  # or "arrayrecord": TFDS ArrayRecord shards (python -m mema_jax.data.tfds_mema build)
-    c.data.arrayrecord_dir = ""  # format="arrayrecord": the shards' tfds data dir; "" = <data.root>_arrayrecord
-    c.data.image_size = 64
-    c.data.generate_if_missing = True
-    c.data.verify_images = True
-    c.data.augment = False  # flips would move a one-sided sign (a turned left eye) to the other side
-    c.data.workers = 0
-    c.data.synth = ml_collections.ConfigDict({"num_images": 3000, "images_per_identity": 4, "resolution": 64, "seed": 0})
+    c.data = data_config(augment=False)  # a flip would move a one-sided sign (a turned left eye) to the other side
 
     c.model = ml_collections.ConfigDict()
     c.model.pretrained = ""  # a diffusers pipeline folder; "" = build the :synth model here
@@ -102,11 +91,7 @@ def get_config(arg=None):
     c.log_every = 50
 
     if variant in ("paper", "gpu"):
-        c.data.root = ""  # the real MeMa-layout folder: --config.data.root=
-        c.data.generate_if_missing = False
-        c.data.image_size = 512
-        c.data.verify_images = False
-        c.data.workers = 8
+        use_real_data(c)
         c.model.pretrained = ""  # --config.model.pretrained=/path/to/stable-diffusion-v1-5
         c.sample.update(every=2000, num_seeds=2, steps=30, guidance=7.5)
         c.mesh.update(data=1, fsdp=-1)
@@ -137,19 +122,11 @@ def get_config(arg=None):
         c.total_steps = 600
         c.optim.update(lr=5e-4, warmup_steps=20)
     if variant == "tiny":
-        c.data.root = "data/mema_synth_32_tiny"
-        c.data.image_size = 32
-        c.data.synth.update(num_images=160, images_per_identity=4, resolution=32)
+        make_tiny(c, eval_every=12)
         c.model.unet = ml_collections.ConfigDict(synth_unet(widths=(16, 32), cross_dim=32, heads=2, size=32))
         c.eval_at_start = True
         c.model.text_encoder.update(hidden_size=32, intermediate_size=64, num_attention_heads=2, projection_dim=32)
-        c.batch_size = 8
-        c.total_steps = 24
-        c.checkpoint_every = 4
-        c.log_every = 4
-        c.eval_every = 12
         c.eval_batches = 2
         c.sample.update(every=0, num_seeds=1, steps=3)
-        c.optim.warmup_steps = 4
         c.ema_decay = 0.9
     return c

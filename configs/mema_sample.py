@@ -37,7 +37,7 @@ Measured: see README (MeMa sampling) for the end-to-end run.
 """
 import ml_collections
 
-from configs.common import base_config
+from configs.common import base_config, parse_arg
 from mema_jax.data import layout
 
 VARIANTS = ("synth", "paper", "tiny")
@@ -46,16 +46,10 @@ RUNS = "runs/mema"
 
 
 def get_config(arg=None):
-    parts = [p for p in (arg or "synth").split(",") if p]
-    variant, modifiers = parts[0], parts[1:]
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r} of configs/mema_sample.py; use one of {VARIANTS}")
-    unknown = sorted(set(modifiers) - set(MODIFIERS))
-    if unknown:
-        raise ValueError(f"unknown modifiers {unknown} of configs/mema_sample.py; use any of {MODIFIERS}")
+    variant, modifiers = parse_arg(arg, "configs/mema_sample.py", VARIANTS, MODIFIERS, default="synth")
     c = base_config()
     c.trainer = "mema_jax.sampling.sampler"
-    c.variant = ",".join(parts)
+    c.variant = ",".join([variant, *modifiers])
     c.seed = 0
     c.precision.compute_dtype = "float32"
 

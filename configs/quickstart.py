@@ -18,28 +18,16 @@ runs/quickstart/metrics.csv.  Re-running it resumes at step 400 and exits (5 s).
 """
 import ml_collections
 
-from configs.common import base_config
+from configs.common import base_config, data_config, make_tiny, parse_arg
 
 
 def get_config(arg=None):
-    variant = arg or "local"
-    if variant not in ("local", "tiny", "gpu"):
-        raise ValueError(f"unknown variant {variant!r} of configs/quickstart.py; use local, tiny or gpu")
+    variant, _ = parse_arg(arg, "configs/quickstart.py", ("local", "tiny", "gpu"))
     c = base_config()
     c.trainer = "mema_jax.trainers.classifier"
     c.variant = variant
 
-    c.data = ml_collections.ConfigDict()
-    c.data.root = "data/mema_synth_64_3k"
-    c.data.format = "folder"  # or "arrayrecord": TFDS ArrayRecord shards (python -m mema_jax.data.tfds_mema build)
-    c.data.arrayrecord_dir = ""  # format="arrayrecord": the shards' tfds data dir; "" = <data.root>_arrayrecord
-    c.data.image_size = 64
-    c.data.generate_if_missing = True  # render MeMa-Synth at data.root when it is absent
-    c.data.verify_images = True
-    c.data.augment = True
-    c.data.workers = 0  # grain worker processes; 0 = in the main process
-    c.data.synth = ml_collections.ConfigDict(
-        {"num_images": 3000, "images_per_identity": 4, "resolution": 64, "seed": 0})
+    c.data = data_config(augment=True)
 
     # Four stages down to 8x8: the eye-region signs need the receptive field more than the width.
     c.model = ml_collections.ConfigDict({"widths": (16, 32, 64, 128), "blocks_per_stage": 1, "groups": 8,
@@ -56,16 +44,8 @@ def get_config(arg=None):
     c.log_every = 25
 
     if variant == "tiny":
-        c.data.root = "data/mema_synth_32_tiny"
-        c.data.image_size = 32
-        c.data.synth.update(num_images=160, images_per_identity=4, resolution=32)
+        make_tiny(c)
         c.model.widths = (8, 16)
-        c.batch_size = 8
-        c.total_steps = 24
-        c.eval_every = 0
-        c.checkpoint_every = 4
-        c.log_every = 4
-        c.optim.warmup_steps = 4
     elif variant == "gpu":
         c.data.root = "data/mema_synth_128"
         c.data.image_size = 128

@@ -46,31 +46,19 @@ Measured (2-core CPU shared with other engineers' jobs, load average 5-7; data f
 """
 import ml_collections
 
-from configs.common import base_config
+from configs.common import base_config, data_config, make_tiny, parse_arg
 
 VARIANTS = ("supervised", "mae", "tiny_supervised", "tiny_mae", "paper_supervised", "paper_mae")
 
 
 def get_config(arg=None):
-    variant = arg or "supervised"
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r} of configs/vit_encoder.py; use one of {VARIANTS}")
+    variant, _ = parse_arg(arg, "configs/vit_encoder.py", VARIANTS, default="supervised")
     objective = "mae" if variant.endswith("mae") else "supervised"
     c = base_config()
     c.trainer = "mema_jax.trainers.mae" if objective == "mae" else "mema_jax.trainers.vit_supervised"
     c.variant = variant
 
-    c.data = ml_collections.ConfigDict()
-    c.data.root = "data/mema_synth_64_3k"  # shared with configs/quickstart.py
-    c.data.format = "folder"  # or "arrayrecord": TFDS ArrayRecord shards (python -m mema_jax.data.tfds_mema build)
-    c.data.arrayrecord_dir = ""  # format="arrayrecord": the shards' tfds data dir; "" = <data.root>_arrayrecord
-    c.data.image_size = 64
-    c.data.generate_if_missing = True  # render MeMa-Synth at data.root when it is absent
-    c.data.verify_images = True
-    c.data.augment = True
-    c.data.workers = 0
-    c.data.synth = ml_collections.ConfigDict(
-        {"num_images": 3000, "images_per_identity": 4, "resolution": 64, "seed": 0})
+    c.data = data_config(augment=True)
 
     # models.vit.ViTConfig fields (image_size comes from data.image_size).
     c.model = ml_collections.ConfigDict({
@@ -92,18 +80,10 @@ def get_config(arg=None):
     c.log_every = 25
 
     if variant.startswith("tiny"):
-        c.data.root = "data/mema_synth_32_tiny"
-        c.data.image_size = 32
-        c.data.synth.update(num_images=160, images_per_identity=4, resolution=32)
+        make_tiny(c)
         c.model.encoder.update(width=32, depth=2, heads=2, mlp_dim=64)
         if objective == "mae":
             c.mae.update(decoder_width=16, decoder_depth=1, decoder_heads=2, decoder_mlp_dim=32)
-        c.batch_size = 8
-        c.total_steps = 24
-        c.eval_every = 0
-        c.checkpoint_every = 4
-        c.log_every = 4
-        c.optim.warmup_steps = 4
     elif variant.startswith("paper"):
         c.data.root = "data/mema"  # pass --config.data.root=/path/to/MeMa
         c.data.generate_if_missing = False
