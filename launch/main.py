@@ -27,6 +27,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from launch import slurm
+from mema_jax.core import run_files
 from mema_jax.errors import InputError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/quickstart.py:local.",
@@ -36,12 +38,7 @@ _SUBMIT = flags.DEFINE_enum("submit", None, ["slurm", "local"],
                             "Submit through submitit instead of running here: 'slurm', or 'local' (a submitit job "
                             "on this machine, same code path, for trying a submission without a cluster).")
 _WAIT = flags.DEFINE_bool("wait", False, "With --submit: wait for the job and print its result.")
-_SLURM_PARTITION = flags.DEFINE_string("slurm_partition", None, "SLURM partition (implies --submit=slurm).")
-_SLURM_NODES = flags.DEFINE_integer("slurm_nodes", 1, "SLURM nodes.")
-_SLURM_GPUS = flags.DEFINE_integer("slurm_gpus_per_node", 1, "GPUs (= tasks) per node.")
-_SLURM_HOURS = flags.DEFINE_float("slurm_hours", 24.0, "SLURM time limit in hours.")
-_SLURM_CPUS = flags.DEFINE_integer("slurm_cpus_per_task", 8, "CPUs per task (data loading workers).")
-_SLURM_ACCOUNT = flags.DEFINE_string("slurm_account", None, "SLURM account.")
+_SLURM = slurm.define_absl_flags()
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0, for multi-process runs outside SLURM.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
@@ -84,12 +81,12 @@ def run(config, workdir: str, distributed: dict | None = None):
         config = module.resolve_config(config)
     saved = config.to_json_best_effort(indent=2)
     if jax.process_index() == 0:
-        tmp = os.path.join(workdir, "config.json.tmp")
+        tmp = os.path.join(workdir, run_files.CONFIG_FILE + ".tmp")
         with open(tmp, "w") as f:
             f.write(saved)
-        os.replace(tmp, os.path.join(workdir, "config.json"))
+        os.replace(tmp, os.path.join(workdir, run_files.CONFIG_FILE))
     result = module.train_and_evaluate(config, workdir)
-    check_config_unchanged(config, saved, os.path.join(workdir, "config.json"))
+    check_config_unchanged(config, saved, os.path.join(workdir, run_files.CONFIG_FILE))
     return result
 
 
@@ -140,33 +137,11 @@ def _is_multiprocess() -> bool:
     return int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "JAX_COORDINATOR_ADDRESS" in os.environ
 
 
-def make_executor(folder: str, cluster: str, *, name: str, hours: float = 24.0, partition: str | None = None,
-                  nodes: int = 1, gpus_per_node: int = 1, cpus_per_task: int = 8, account: str | None = None,
-                  array_parallelism: int | None = None, signal_delay_s: int = 120):
-    """A submitit executor: on SLURM one task per GPU (one task per node on CPU-only nodes), SLURM's
-    warning signal (USR2) ``signal_delay_s`` before the time limit; ``local`` runs one task here."""
-    import submitit
-
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
-    common = {"timeout_min": max(1, int(hours * 60)), "name": name}
-    if cluster == "slurm":
-        executor.update_parameters(
-            slurm_partition=partition, nodes=nodes, tasks_per_node=max(1, gpus_per_node), gpus_per_node=gpus_per_node,
-            cpus_per_task=cpus_per_task, slurm_signal_delay_s=signal_delay_s,
-            **({"slurm_array_parallelism": array_parallelism} if array_parallelism else {}),
-            **({"slurm_account": account} if account else {}), **common)
-    else:
-        executor.update_parameters(tasks_per_node=1, nodes=1, gpus_per_node=0, **common)
-    return executor
-
-
 def submit(config, workdir: str, cluster: str):
     """Submits ``run(config, workdir)`` through submitit: one task per GPU on SLURM."""
-    executor = make_executor(os.path.join(workdir, "submitit"), cluster,
-                             name=os.path.basename(os.path.abspath(workdir)), hours=_SLURM_HOURS.value,
-                             partition=_SLURM_PARTITION.value, nodes=_SLURM_NODES.value,
-                             gpus_per_node=_SLURM_GPUS.value, cpus_per_task=_SLURM_CPUS.value,
-                             account=_SLURM_ACCOUNT.value)
+    executor = slurm.make_executor(os.path.join(workdir, "submitit"), cluster,
+                                   name=os.path.basename(os.path.abspath(workdir)),
+                                   options={name: flag.value for name, flag in _SLURM.items()})
     job = executor.submit(SubmittedRun(), config, workdir)
     print(json.dumps({"job_id": job.job_id, "cluster": cluster, "workdir": workdir, "logs": str(executor.folder)}),
           flush=True)
@@ -186,7 +161,7 @@ def main(argv):
     if "trainer" not in config:
         raise app.UsageError(f"{flags.FLAGS['config'].config_filename}: the config has no 'trainer' entry")
     logging.info("config:\n%s", config)
-    cluster = _SUBMIT.value or ("slurm" if _SLURM_PARTITION.value else None)
+    cluster = _SUBMIT.value or ("slurm" if _SLURM["slurm_partition"].value else None)
     if cluster:
         submit(config, _WORKDIR.value, cluster)
         return

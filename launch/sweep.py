@@ -5,15 +5,16 @@ r"""Sweeps: one base config, a list / product / zip of overrides, one workdir pe
       --slurm_partition=gpu --slurm_gpus_per_node=1 --slurm_nodes=1 --slurm_hours=4 [--slurm_array_parallelism=8]
   python -m launch.sweep collect --workdir=runs/fig8 [--metric=eval/med_accuracy]       # table (md, csv) + plots
 
-A sweep file is Python, like a config: ``get_sweep(arg=None)`` returns a :class:`Sweep` (a base
-config and a list of override dicts), built with :func:`product`, :func:`zipped` and
-:func:`chain`; e.g. Fig. 8's two one-at-a-time sweeps::
+A sweep file is Python, like a config: ``get_sweep(arg=None)`` returns plain data, a base config
+and a list of override dicts (``configs/sweeps/__init__.py``'s ``product``, ``zipped`` and
+``chain`` build them; a sweep file imports nothing from ``launch``); e.g. Fig. 8's two
+one-at-a-time sweeps::
 
     def get_sweep(arg=None):
-        return Sweep("configs/medsem_deid.py:synth", chain(
-            product({"loss.lambda_med": [1.0, 2.5, 5.0, 7.5, 10.0]}, fixed={"loss.lambda_rev": 0.1}),
-            product({"loss.lambda_rev": [0.01, 0.05, 0.1, 0.5, 1.0]}, fixed={"loss.lambda_med": 5.0})),
-            fixed={"total_steps": 300})
+        return {"config": "configs/medsem_deid.py:synth",
+                "runs": chain(product({"loss.lambda_med": [1.0, 2.5, 5.0, 7.5, 10.0]}, fixed={"loss.lambda_rev": 0.1}),
+                              product({"loss.lambda_rev": [0.01, 0.05, 0.1, 0.5, 1.0]}, fixed={"loss.lambda_med": 5.0})),
+                "fixed": {"total_steps": 300}}
 
 Each run's workdir is ``<workdir>/<name>``, the name made of its overrides (``lambda_med=2.5,lambda_rev=0.1``,
 the last key component; the full keys are in ``<workdir>/sweep.json``).  A run whose workdir
@@ -22,7 +23,8 @@ started again.  ``--submit=slurm`` sends the unfinished runs as one SLURM job ar
 submitit (one array task per run; each task is a ``launch.main`` run, checkpointed and requeued on
 preemption); ``--submit=local`` goes through submitit's local executor (the same code path,
 no cluster); without ``--submit`` the runs go here, one after another.  Extra ``--config.k=v``
-flags apply to every run.
+flags apply to every run (parsed by ml_collections' config flags against the base config, as
+``launch.main`` parses them); the SLURM flags are ``launch.main``'s (``launch/slurm.py``).
 """
 from __future__ import annotations
 
@@ -31,7 +33,6 @@ import csv
 import dataclasses
 import importlib.util
 import io
-import itertools
 import json
 import math
 import os
@@ -41,8 +42,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from launch import slurm
+from mema_jax.core.run_files import FINAL_METRICS_FILE as FINAL_METRICS
+
 SWEEP_FILE = "sweep.json"
-FINAL_METRICS = "final_metrics.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,25 +61,13 @@ class Sweep:
         if not self.runs:
             raise ValueError("a sweep needs at least one run")
 
-
-def product(axes: Mapping[str, Sequence[Any]], fixed: Mapping[str, Any] | None = None) -> list[dict]:
-    """Every combination of the axes' values (the last axis varies fastest), plus ``fixed``."""
-    keys = list(axes)
-    return [{**dict(zip(keys, values)), **dict(fixed or {})} for values in itertools.product(*(axes[k] for k in keys))]
-
-
-def zipped(axes: Mapping[str, Sequence[Any]], fixed: Mapping[str, Any] | None = None) -> list[dict]:
-    """The i-th value of every axis together (all axes the same length), plus ``fixed``."""
-    lengths = {k: len(v) for k, v in axes.items()}
-    if len(set(lengths.values())) > 1:
-        raise ValueError(f"zipped axes need equal lengths, got {lengths}")
-    keys = list(axes)
-    return [{**dict(zip(keys, values)), **dict(fixed or {})} for values in zip(*(axes[k] for k in keys))]
-
-
-def chain(*groups: Iterable[Mapping[str, Any]]) -> list[dict]:
-    """The runs of each group in turn (a run that repeats an earlier one is dropped)."""
-    return _unique([dict(r) for g in groups for r in g])
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any], where: str) -> Sweep:
+        """From a sweep file's plain data: {"config": ..., "runs": [...], "fixed": {...} (optional)}."""
+        if not isinstance(data, Mapping) or not {"config", "runs"} <= set(data) or set(data) - {"config", "runs", "fixed"}:
+            raise ValueError(f"{where}: get_sweep must return {{'config': 'configs/NAME.py[:ARG]', 'runs': [{{...}}, ...], "
+                             f"'fixed': {{...}} (optional)}}, got {data!r:.200}")
+        return cls(data["config"], data["runs"], data.get("fixed"))
 
 
 def _unique(runs: list[dict]) -> list[dict]:
@@ -112,8 +103,9 @@ def load_sweep(spec: str) -> Sweep:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_sweep"):
-        raise ValueError(f"{path}: a sweep file defines get_sweep(arg=None) -> launch.sweep.Sweep")
-    return module.get_sweep(arg or None)
+        raise ValueError(f"{path}: a sweep file defines get_sweep(arg=None) returning "
+                         "{'config': ..., 'runs': [...], 'fixed': {...}}")
+    return Sweep.from_data(module.get_sweep(arg or None), path)
 
 
 def load_config(spec: str):
@@ -125,36 +117,59 @@ def load_config(spec: str):
     return module.get_config(arg or None) if arg else module.get_config()
 
 
-def parse_value(text: str) -> Any:
-    """A ``--config.k=v`` value as Python (number, bool, tuple, ...), else the string itself."""
-    import ast
-
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return {"true": True, "false": False}.get(text.lower(), text)
-
-
 def apply_overrides(config, overrides: Mapping[str, Any], where: str):
-    """``config`` with ``key.path = value`` set, each checked to exist and keep its type."""
+    """``config`` with ``key.path = value`` set; ml_collections checks that each key exists and
+    that the value has (or converts to) the field's type."""
     config = config.copy_and_resolve_references()
-    with config.unlocked():
-        for key, value in overrides.items():
-            node, parts = config, key.split(".")
-            for part in parts[:-1]:
-                if part not in node:
-                    raise KeyError(f"{where}: the config has no key {key!r}")
-                node = node[part]
-            leaf = parts[-1]
-            if leaf not in node:
-                raise KeyError(f"{where}: the config has no key {key!r}")
-            old = node[leaf]
-            if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if old is not None and isinstance(old, (bool, int, float, str)) and type(value) is not type(old):
-                raise TypeError(f"{where}: {key} is {type(old).__name__} in the config, got {value!r}")
-            node[leaf] = value
+    config.lock()
+    for key, value in overrides.items():
+        try:
+            config.update_from_flattened_dict({key: value})
+        except (KeyError, AttributeError):
+            raise KeyError(f"{where}: the config has no key {key!r}") from None
+        except TypeError as error:
+            old = type(_get(config, key)).__name__
+            raise TypeError(f"{where}: {key} is {old} in the config, got {value!r} ({error})") from None
     return config
+
+
+def _has(config, key: str) -> bool:
+    try:
+        _get(config, key)
+    except (KeyError, AttributeError, TypeError):
+        return False
+    return True
+
+
+def _get(config, key: str):
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
+def parse_config_flags(config_spec: str, argv: Sequence[str]) -> dict[str, Any]:
+    """``--config.KEY=VALUE`` flags -> {KEY: value}, each parsed by ml_collections' config flags
+    against the config ``config_spec`` (its type; an unknown key is a KeyError naming the flag)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    keys = []
+    for item in argv:
+        if not item.startswith("--config.") or "=" not in item:
+            raise ValueError(f"unexpected argument {item!r} (only --config.KEY=VALUE overrides may follow)")
+        keys.append(item[len("--config."):].split("=", 1)[0])
+    values, full_argv = flags.FlagValues(), ["launch.sweep", f"--config={config_spec}", *argv]
+    config_flags.DEFINE_config_file("config", None, "the sweep's base config", flag_values=values, lock_config=True,
+                                    sys_argv=full_argv)
+    try:
+        values(full_argv)
+    except (KeyError, AttributeError) as error:  # a key the config does not have: name its flag
+        base = load_config(config_spec)
+        missing = [k for k in keys if not _has(base, k)]
+        raise KeyError(f"--config.{missing[0]}: the config has no key {missing[0]!r}" if missing else str(error)) from None
+    except flags.Error as error:
+        raise ValueError(str(error)) from None
+    return {key: _get(values.config, key) for key in keys}
 
 
 def plan(sweep: Sweep, workdir: Path, extra: Mapping[str, Any] | None = None) -> list[dict]:
@@ -183,14 +198,13 @@ def write_manifest(sweep: Sweep, workdir: Path, runs: list[dict], sweep_spec: st
     return path
 
 
-def submit_array(configs: list, workdirs: list[str], folder: Path, cluster: str, slurm: Mapping[str, Any]):
-    """One submitit job array (one task per run), each a checkpointed, requeueable launch.main run."""
-    from launch.main import SubmittedRun, make_executor
+def submit_array(configs: list, workdirs: list[str], folder: Path, cluster: str, options: Mapping[str, Any]):
+    """One submitit job array (one task per run), each a checkpointed, requeueable launch.main run;
+    ``options``: the SLURM option values (``launch.slurm.OPTIONS``)."""
+    from launch.main import SubmittedRun
 
-    executor = make_executor(str(folder / "submitit" / "%j"), cluster, name=folder.name, hours=slurm.get("hours", 24.0),
-                             partition=slurm.get("partition"), nodes=slurm.get("nodes", 1),
-                             gpus_per_node=slurm.get("gpus_per_node", 1), cpus_per_task=slurm.get("cpus_per_task", 8),
-                             account=slurm.get("account"), array_parallelism=slurm.get("array_parallelism", 256))
+    executor = slurm.make_executor(str(folder / "submitit" / "%j"), cluster, name=folder.name, options=options,
+                                   array=True)
     return executor.map_array(SubmittedRun(), configs, workdirs)
 
 
@@ -286,13 +300,7 @@ def main(argv=None) -> int:
     r.add_argument("--submit", choices=("slurm", "local"), default=None)
     r.add_argument("--wait", action="store_true", help="with --submit: wait for every task")
     r.add_argument("--dry_run", action="store_true", help="print the runs, start nothing")
-    r.add_argument("--slurm_partition", default=None)
-    r.add_argument("--slurm_nodes", type=int, default=1)
-    r.add_argument("--slurm_gpus_per_node", type=int, default=1)
-    r.add_argument("--slurm_cpus_per_task", type=int, default=8)
-    r.add_argument("--slurm_hours", type=float, default=24.0)
-    r.add_argument("--slurm_account", default=None)
-    r.add_argument("--slurm_array_parallelism", type=int, default=256)
+    slurm.add_arguments(r)
     c = sub.add_parser("collect", help="tabulate and plot the final metrics of a sweep's runs")
     c.add_argument("--workdir", required=True)
     c.add_argument("--metric", default=None, help="only this metric (default: all)")
@@ -308,14 +316,12 @@ def main(argv=None) -> int:
         print(md.read_text(), end="")
         print(f"wrote {md}, {csv_path}" + "".join(f", {p}" for p in plots))
         return 0
-    extra = {}
     for item in rest:
         if not item.startswith("--config.") or "=" not in item:
             parser.error(f"unexpected argument {item!r} (only --config.KEY=VALUE overrides may follow)")
-        key, value = item[len("--config."):].split("=", 1)
-        extra[key] = parse_value(value)
     try:
         sweep = load_sweep(args.sweep)
+        extra = parse_config_flags(sweep.config, rest)
         workdir = Path(args.workdir)
         runs = plan(sweep, workdir, extra)
         base = load_config(sweep.config)
@@ -332,11 +338,9 @@ def main(argv=None) -> int:
         return 0
     if args.submit or args.slurm_partition:
         cluster = args.submit or "slurm"
-        slurm = {"partition": args.slurm_partition, "nodes": args.slurm_nodes, "gpus_per_node": args.slurm_gpus_per_node,
-                 "cpus_per_task": args.slurm_cpus_per_task, "hours": args.slurm_hours, "account": args.slurm_account,
-                 "array_parallelism": args.slurm_array_parallelism}
+        options = {name: getattr(args, name) for name, *_ in slurm.OPTIONS}
         jobs = submit_array([configs[rr["name"]] for rr in todo], [rr["workdir"] for rr in todo], workdir, cluster,
-                            slurm)
+                            options)
         for rr, job in zip(todo, jobs):
             print(json.dumps({"run": rr["name"], "job_id": job.job_id, "cluster": cluster, "workdir": rr["workdir"]}),
                   flush=True)

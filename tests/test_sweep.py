@@ -8,7 +8,8 @@ import sys
 import pytest
 from conftest import REPO
 
-from launch.sweep import apply_overrides, chain, load_config, product, run_name, zipped
+from configs.sweeps import chain, product, zipped
+from launch.sweep import apply_overrides, load_config, parse_config_flags, run_name
 
 
 def test_product_zip_and_chain_build_the_runs_a_sweep_file_describes():
@@ -31,6 +32,10 @@ def test_overrides_are_checked_against_the_config():
         apply_overrides(base, {"optim.lrr": 1.0}, "here")
     with pytest.raises(TypeError, match="total_steps is int"):
         apply_overrides(base, {"total_steps": "many"}, "here")
+    assert parse_config_flags("configs/quickstart.py:tiny", ["--config.optim.lr=1", "--config.model.widths=(4,8)"]) == {
+        "optim.lr": 1.0, "model.widths": (4, 8)}  # typed by the config's fields, as launch.main parses them
+    with pytest.raises(KeyError, match="--config.optim.lrr: the config has no key"):
+        parse_config_flags("configs/quickstart.py:tiny", ["--config.optim.lrr=1"])
 
 
 def sweep(*args, timeout=1200):
@@ -74,8 +79,8 @@ def test_the_submitit_job_array_path_runs_every_task(tmp_path, synth_dataset_32)
 
 def test_a_bad_sweep_is_one_clear_error(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("from launch.sweep import Sweep, product\n"
-                   "def get_sweep(arg=None):\n    return Sweep('configs/quickstart.py:tiny', product({'optim.lrr': [1.0]}))\n")
+    bad.write_text("from configs.sweeps import product\n"
+                   "def get_sweep(arg=None):\n    return {'config': 'configs/quickstart.py:tiny', 'runs': product({'optim.lrr': [1.0]})}\n")
     result = sweep("run", f"--sweep={bad}", f"--workdir={tmp_path / 'w'}")
     assert result.returncode == 1 and "no key 'optim.lrr'" in result.stderr and "Traceback" not in result.stderr
     missing = sweep("collect", f"--workdir={tmp_path / 'nothing'}")

@@ -11,13 +11,13 @@ lambda_med = 5 (the paper's values are 5 and 0.1; it does not list the grid, the
 which needs the quickstart's UNet and ArcFace: pass --config.medical_encoder.source=... and
 --config.identity.weights=... after the sweep flags, as for a single run).
 """
-from launch.sweep import Sweep, chain, product
+from configs.sweeps import chain, product
 
 LAMBDA_MED = (1.0, 2.5, 5.0, 7.5, 10.0)
 LAMBDA_REV = (0.01, 0.05, 0.1, 0.5, 1.0)
 
 
 def get_sweep(arg=None):
-    return Sweep(f"configs/medsem_deid.py:{arg or 'synth'}", chain(
-        product({"loss.lambda_med": LAMBDA_MED}, fixed={"loss.lambda_rev": 0.1}),
-        product({"loss.lambda_rev": LAMBDA_REV}, fixed={"loss.lambda_med": 5.0})))
+    return {"config": f"configs/medsem_deid.py:{arg or 'synth'}",
+            "runs": chain(product({"loss.lambda_med": LAMBDA_MED}, fixed={"loss.lambda_rev": 0.1}),
+                          product({"loss.lambda_rev": LAMBDA_REV}, fixed={"loss.lambda_med": 5.0}))}

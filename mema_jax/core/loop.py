@@ -32,6 +32,7 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh
 
+from mema_jax.core import run_files
 from mema_jax.core import checkpoint as ckpt_lib
 from mema_jax.core import metrics as metrics_lib
 from mema_jax.core import preemption
@@ -126,7 +127,7 @@ def flat_hparams(config) -> dict:
     return dict(flatten(config.to_dict()))
 
 
-FINAL_METRICS = "final_metrics.json"  # written when a run reaches total_steps: sweeps read it
+FINAL_METRICS = run_files.FINAL_METRICS_FILE
 
 
 def write_final_metrics(workdir: Path, step: int, eval_metrics: Mapping[str, Any]) -> Path:
@@ -138,7 +139,7 @@ def write_final_metrics(workdir: Path, step: int, eval_metrics: Mapping[str, Any
     from mema_jax.fileio import atomic_write_bytes
 
     last: dict = {}
-    table = workdir / "metrics.csv"
+    table = workdir / run_files.METRICS_TABLE
     if table.exists():
         with open(table, newline="") as f:
             for row in csv.DictReader(f):  # long format: step,name,value,time
