@@ -399,17 +399,9 @@ def train_classifier(
     ``on_epoch_end`` gets each epoch's log entry after that epoch's checkpoint is written.
     """
     kind = backbone_kind(backbone)
-    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "image_size": image_size,
-             "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "shift": shift, "jitter": jitter}
-    s = {name: DEFAULTS[kind][name] if value is None else value for name, value in given.items()}
-    if min(s["epochs"], s["batch_size"], s["image_size"]) < 1 or s["lr"] <= 0:
-        raise ClassifierInputError(
-            f"epochs, batch_size, image_size and lr must be positive, got {s['epochs']}, {s['batch_size']}, "
-            f"{s['image_size']}, {s['lr']}")
-    if s["weight_decay"] < 0 or s["shift"] < 0 or not 0 <= s["jitter"] < 1 or not 0 <= s["warmup_epochs"] < s["epochs"]:
-        raise ClassifierInputError(
-            f"weight_decay and shift must be >= 0, jitter in [0, 1) and warmup_epochs in [0, epochs), got "
-            f"{s['weight_decay']}, {s['shift']}, {s['jitter']}, {s['warmup_epochs']}")
+    s = _resolved_settings(kind, {"epochs": epochs, "batch_size": batch_size, "lr": lr, "image_size": image_size,
+                                  "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "shift": shift,
+                                  "jitter": jitter})
     backbone_id = kind if kind in BACKBONE_KINDS else str(check_backbone_dir(backbone).resolve())
     dataset = read_dataset(dataset_root)
     out_dir = Path(out_dir)
@@ -429,34 +421,14 @@ def train_classifier(
     device = _default_device(device)
 
     torch.manual_seed(seed)  # the new head's (DINOv2) or the whole network's (ResNet-18) initialisation
-    if kind == DINOV2:
-        architecture = {"kind": DINOV2}
-        model = Dinov2ForImageClassification.from_pretrained(
-            backbone, num_labels=len(DISEASES), id2label=dict(enumerate(DISEASES)),
-            label2id={d: i for i, d in enumerate(DISEASES)}, local_files_only=True,
-        )
-    else:
-        architecture = {"kind": kind, "num_classes": len(DISEASES), "stem": dict(RESNET18_STEM)}
-        model = build_resnet18(architecture)
+    model, architecture = _new_model(kind, backbone)
     model.to(device)
     batch_norm = kind != DINOV2
     optimizer = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
     steps_per_epoch = len(_batches(list(range(len(train_records))), s["batch_size"], batch_norm))
     scheduler = _schedule(optimizer, s["epochs"] * steps_per_epoch, round(s["warmup_epochs"] * steps_per_epoch))
-    history: list[dict] = []
-    start_epoch = 0
     checkpoint_path = out_dir / CHECKPOINT_FILE
-    if checkpoint_path.is_file():
-        try:
-            state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
-            raise ClassifierInputError(f"{checkpoint_path}: unreadable training checkpoint ({type(e).__name__}: "
-                                       f"{e}); delete it to start over") from None
-        _check_same_settings(state["settings"], settings, checkpoint_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history, start_epoch = state["history"], state["epoch"]
+    history, start_epoch = _resume(checkpoint_path, settings, device, model, optimizer, scheduler)
 
     classifier = DiseaseClassifier(model, s["image_size"], DISEASES, architecture=architecture)
     images = _RecordImages(dataset, train_records, s["image_size"])
@@ -466,17 +438,8 @@ def train_classifier(
         order = torch.randperm(len(images), generator=generator).tolist()
         loader = torch.utils.data.DataLoader(images, batch_sampler=_batches(order, s["batch_size"], batch_norm),
                                              num_workers=num_workers)
-        model.train()
-        losses = []
-        for pixels, labels in loader:
-            pixels = augment(pixels, generator, hflip=hflip, shift=s["shift"], jitter=s["jitter"])
-            logits = classifier.logits(_normalise(pixels, IMAGENET_MEAN, IMAGENET_STD).to(device))
-            loss = torch.nn.functional.cross_entropy(logits, labels.to(device))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
+        losses = _train_epoch(classifier, loader, optimizer, scheduler, generator, device, hflip=hflip,
+                              shift=s["shift"], jitter=s["jitter"])
         entry = {"epoch": epoch + 1, "train_loss": float(np.mean(losses))}
         if select_records:
             pred = predict(classifier, [dataset.load_image(r) for r in select_records], batch_size=s["batch_size"])
@@ -489,18 +452,80 @@ def train_classifier(
         if on_epoch_end is not None:
             on_epoch_end(entry)
 
-    info = {"architecture": architecture, "image_size": s["image_size"], "classes": list(DISEASES),
-            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "settings": dataclasses.asdict(settings),
-            "history": history}
+    _save_classifier(final_dir, kind, model, {
+        "architecture": architecture, "image_size": s["image_size"], "classes": list(DISEASES),
+        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "settings": dataclasses.asdict(settings),
+        "history": history})
+    checkpoint_path.unlink()
+    model.eval()
+    return classifier
+
+
+def _train_epoch(classifier, loader, optimizer, scheduler, generator, device, *, hflip, shift, jitter) -> list[float]:
+    """One pass over ``loader`` (augmented batches, cross-entropy, one optimizer step each); the losses."""
+    classifier.model.train()
+    losses = []
+    for pixels, labels in loader:
+        pixels = augment(pixels, generator, hflip=hflip, shift=shift, jitter=jitter)
+        logits = classifier.logits(_normalise(pixels, IMAGENET_MEAN, IMAGENET_STD).to(device))
+        loss = torch.nn.functional.cross_entropy(logits, labels.to(device))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _resolved_settings(kind: str, given: dict) -> dict:
+    """The training settings: those given, the kind's DEFAULTS for the rest; bad values are one error."""
+    s = {name: DEFAULTS[kind][name] if value is None else value for name, value in given.items()}
+    if min(s["epochs"], s["batch_size"], s["image_size"]) < 1 or s["lr"] <= 0:
+        raise ClassifierInputError(
+            f"epochs, batch_size, image_size and lr must be positive, got {s['epochs']}, {s['batch_size']}, "
+            f"{s['image_size']}, {s['lr']}")
+    if s["weight_decay"] < 0 or s["shift"] < 0 or not 0 <= s["jitter"] < 1 or not 0 <= s["warmup_epochs"] < s["epochs"]:
+        raise ClassifierInputError(
+            f"weight_decay and shift must be >= 0, jitter in [0, 1) and warmup_epochs in [0, epochs), got "
+            f"{s['weight_decay']}, {s['shift']}, {s['jitter']}, {s['warmup_epochs']}")
+    return s
+
+
+def _new_model(kind: str, backbone):
+    """(model, architecture record) for a new training run."""
+    if kind == DINOV2:
+        model = Dinov2ForImageClassification.from_pretrained(
+            backbone, num_labels=len(DISEASES), id2label=dict(enumerate(DISEASES)),
+            label2id={d: i for i, d in enumerate(DISEASES)}, local_files_only=True,
+        )
+        return model, {"kind": DINOV2}
+    architecture = {"kind": kind, "num_classes": len(DISEASES), "stem": dict(RESNET18_STEM)}
+    return build_resnet18(architecture), architecture
+
+
+def _resume(checkpoint_path: Path, settings, device, model, optimizer, scheduler) -> tuple[list[dict], int]:
+    """(history, next epoch) of an interrupted run with the same settings, its state loaded; ([], 0) without one."""
+    if not checkpoint_path.is_file():
+        return [], 0
+    try:
+        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+        raise ClassifierInputError(f"{checkpoint_path}: unreadable training checkpoint ({type(e).__name__}: "
+                                   f"{e}); delete it to start over") from None
+    _check_same_settings(state["settings"], settings, checkpoint_path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["history"], state["epoch"]
+
+
+def _save_classifier(final_dir: Path, kind: str, model, info: dict) -> None:
     with atomic_folder(final_dir) as tmp:
         if kind == DINOV2:
             model.save_pretrained(tmp)
         else:
             torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / RESNET_WEIGHTS_FILE)
         (tmp / CLASSIFIER_INFO_FILE).write_text(json.dumps(info, indent=2))
-    checkpoint_path.unlink()
-    model.eval()
-    return classifier
 
 
 THREADS_HELP = ("torch CPU threads (default: torch's choice, one per core); on a machine shared with other jobs "

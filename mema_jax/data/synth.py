@@ -300,94 +300,11 @@ def render_with_face(image: ImageSpec, resolution: int) -> tuple[np.ndarray, np.
     c.paint(*c.ellipse(0, 0.30, fw * p["jaw"], fh * 0.62), skin)  # jaw line
     c.paint(*c.ellipse(0, -fh * 0.82, fw * 1.02, p["hair_top"] + 0.08), p["hair"])  # fringe
 
-    # eyes and brows
-    eye_w, eye_h = p["eye_w"], p["eye_h"] * open_
+    # eyes and brows, lesions, nose and mouth
     for k, side in enumerate((-1, 1)):
-        ex, ey = side * p["eye_dx"] + yaw, p["eye_y"]
-        affected = k == p["side"]
-        lid_open = eye_h
-        sclera = np.array([0.95, 0.94, 0.92])
-        iris_dx = 0.0
-        if ident.disease == "TAO":
-            lid_open = eye_h * (1 + 0.6 * sev)
-            c.paint(*c.ellipse(ex, ey + 0.005, eye_w * (1.5 + 0.4 * sev), lid_open * (2.2 + 0.8 * sev)),
-                    skin * np.array([1.0, 0.82, 0.82]), opacity=0.5 + 0.4 * sev)
-        if ident.disease == "Conj":
-            sclera = (1 - 0.75 * sev) * sclera + 0.75 * sev * np.array([0.86, 0.32, 0.30])
-        if ident.disease == "Strab" and affected:
-            iris_dx = p["turn"] * side * -1 * sev * eye_w * 0.55
-        # brow
-        c.paint(*c.ellipse(ex, ey - 0.10 + brow_raise, eye_w * 1.25, p["brow_h"], angle=side * p["brow_tilt"]),
-                p["hair"] * 0.8)
-        # eye white
-        box, a_eye = c.ellipse(ex, ey, eye_w, lid_open)
-        c.paint(box, a_eye, sclera)
-        if ident.disease == "Conj" and box is not None:
-            vessels = 0.5 + 0.5 * np.sin((c.u[box] - ex) * 260 + np.cos((c.v[box] - ey) * 180) * 3)
-            c.paint(box, a_eye * (vessels > 0.85), np.array([0.7, 0.08, 0.1]), opacity=sev)
-        iris_r = eye_h * 1.1 * min(1.0, 1.0 / open_) if ident.disease != "TAO" else eye_h * 1.1
-        ix = ex + iris_dx
-        iris_color = p["iris"]
-        if ident.disease == "Uveitis" and affected:
-            bx, a_ring = c.ellipse(ix, ey, iris_r * (1.25 + 0.25 * sev), iris_r * (1.25 + 0.25 * sev))
-            if bx is not None:
-                c.paint(bx, a_ring * a_eye_in(c, bx, box, a_eye), np.array([0.85, 0.2, 0.2]), opacity=sev)
-            iris_color = (1 - 0.5 * sev) * iris_color + 0.5 * sev * np.array([0.6, 0.6, 0.55])
-        bi, a_iris = c.ellipse(ix, ey, iris_r, iris_r)
-        if bi is not None:
-            c.paint(bi, a_iris * a_eye_in(c, bi, box, a_eye), iris_color)
-        pupil = iris_r * (0.45 if not (ident.disease == "Uveitis" and affected) else 0.45 - 0.25 * sev)
-        bp, a_p = c.ellipse(ix, ey, pupil, pupil)
-        if bp is not None:
-            c.paint(bp, a_p * a_eye_in(c, bp, box, a_eye), np.array([0.03, 0.03, 0.03]))
-        # upper lid: a skin band whose lower edge falls with ptosis
-        droop = 0.0
-        if ident.disease == "Ptosis" and affected:
-            droop = sev * 1.5 * eye_h
-        if droop > 0:
-            bl, a_lid = c.ellipse(ex, ey - lid_open + droop, eye_w * 1.1, lid_open + droop * 0.2)
-            if bl is not None:
-                c.paint(bl, a_lid * a_eye_in(c, bl, box, a_eye), skin * 0.9)
-        c.paint(*c.ellipse(ex, ey - lid_open * 0.95 + droop, eye_w * 1.02, lid_open * 0.18), skin * 0.45)
-        if p["creases"] > 0:
-            c.paint(*c.ellipse(ex + side * eye_w * 1.2, ey + 0.01, eye_w * 0.3, 0.004, angle=side * 0.5),
-                    skin * 0.7, opacity=p["creases"])
-
-    # lesions (tumour masks)
-    if ident.disease in MASK_DISEASES:
-        lr = np.random.default_rng([p["lesion_seed"], image.index])
-        side = (-1, 1)[p["side"]]
-        lx = side * p["eye_dx"] + yaw + side * lr.uniform(-0.03, 0.06)
-        ly = p["eye_y"] + eye_h + lr.uniform(0.04, 0.08)
-        size = 0.035 + 0.055 * sev
-        if ident.disease == "BCC":
-            box, a = c.ellipse(lx, ly, size, size * lr.uniform(0.8, 1.0))
-            c.paint(box, a, np.array([0.93, 0.72, 0.72]))
-            c.mark_lesion(box, a)
-            c.paint(*c.ellipse(lx, ly, size * 0.78, size * 0.7), np.array([0.98, 0.84, 0.82]))  # pearly
-            c.paint(*c.ellipse(lx, ly, size * 0.35, size * 0.3), np.array([0.45, 0.15, 0.12]), opacity=sev)  # ulcer
-        else:
-            for _ in range(3 + int(3 * sev)):
-                bx, a = c.ellipse(lx + lr.normal(0, size * 0.5), ly + lr.normal(0, size * 0.35),
-                                  size * lr.uniform(0.4, 0.8), size * lr.uniform(0.3, 0.6), angle=lr.uniform(0, 3))
-                c.paint(bx, a, np.array([0.70, 0.25, 0.18]) * lr.uniform(0.85, 1.1))
-                c.mark_lesion(bx, a)
-            box, _ = c.ellipse(lx, ly, size * 1.6, size * 1.6)
-            if box is not None and c.lesion is not None:
-                scales = (lr.random(c.lesion[box].shape) > 0.7) * c.lesion[box]
-                c.paint(box, scales, np.array([0.93, 0.88, 0.80]), opacity=0.8)
-
-    # nose, mouth
-    c.paint(*c.ellipse(yaw * 1.5, p["eye_y"] + 0.06 + p["nose_len"] * 0.5, p["nose_w"] * 0.45, p["nose_len"] * 0.5),
-            skin * 1.06)
-    for side in (-1, 1):
-        c.paint(*c.ellipse(yaw * 1.5 + side * p["nose_w"] * 0.5, p["eye_y"] + 0.06 + p["nose_len"], p["nose_w"] * 0.3,
-                           0.018), skin * 0.55)
-    mx, my, mw = yaw * 1.3, p["mouth_y"], p["mouth_w"] * (1 + 0.08 * smile)
-    box, a = c.ellipse(mx, my, mw, 0.035 + 0.01 * abs(smile))
-    if box is not None:
-        curve = (c.v[box] - my) - smile * 0.9 * ((c.u[box] - mx) ** 2) + 0.004 * smile
-        c.paint(box, a * np.clip(1 - np.abs(curve) / 0.016, 0, 1), p["lip"])
+        _paint_eye(c, p, ident.disease, sev, k, side, yaw, open_, brow_raise)
+    _paint_lesions(c, p, ident.disease, sev, image.index, yaw, p["eye_h"] * open_)
+    mx, my, mw = _paint_nose_and_mouth(c, p, yaw, smile)
 
     # lighting, sensor noise
     light = r.normal(0, 0.25, 2)
@@ -399,6 +316,109 @@ def render_with_face(image: ImageSpec, resolution: int) -> tuple[np.ndarray, np.
         # At 32-64 px a slight lesion can be under a pixel: keep its most-covered pixels.
         mask = c.lesion > min(0.5, 0.5 * float(c.lesion.max()))
     return rgb, mask, face_record(image.image_id, c, p, yaw=yaw, mouth=(mx, my, mw), smile=smile)
+
+
+
+def _paint_eye(c: _Canvas, p: dict, disease: str, sev: float, k: int, side: int, yaw: float, open_: float,
+               brow_raise: float) -> None:
+    """One eye (k: 0 left, 1 right) with its brow, lids and the signs of ``disease`` at severity ``sev``."""
+    skin = p["skin"]
+    eye_w, eye_h = p["eye_w"], p["eye_h"] * open_
+    ex, ey = side * p["eye_dx"] + yaw, p["eye_y"]
+    affected = k == p["side"]
+    lid_open = eye_h
+    sclera = np.array([0.95, 0.94, 0.92])
+    iris_dx = 0.0
+    if disease == "TAO":
+        lid_open = eye_h * (1 + 0.6 * sev)
+        c.paint(*c.ellipse(ex, ey + 0.005, eye_w * (1.5 + 0.4 * sev), lid_open * (2.2 + 0.8 * sev)),
+                skin * np.array([1.0, 0.82, 0.82]), opacity=0.5 + 0.4 * sev)
+    if disease == "Conj":
+        sclera = (1 - 0.75 * sev) * sclera + 0.75 * sev * np.array([0.86, 0.32, 0.30])
+    if disease == "Strab" and affected:
+        iris_dx = p["turn"] * side * -1 * sev * eye_w * 0.55
+    # brow
+    c.paint(*c.ellipse(ex, ey - 0.10 + brow_raise, eye_w * 1.25, p["brow_h"], angle=side * p["brow_tilt"]),
+            p["hair"] * 0.8)
+    # eye white
+    box, a_eye = c.ellipse(ex, ey, eye_w, lid_open)
+    c.paint(box, a_eye, sclera)
+    if disease == "Conj" and box is not None:
+        vessels = 0.5 + 0.5 * np.sin((c.u[box] - ex) * 260 + np.cos((c.v[box] - ey) * 180) * 3)
+        c.paint(box, a_eye * (vessels > 0.85), np.array([0.7, 0.08, 0.1]), opacity=sev)
+    iris_r = eye_h * 1.1 * min(1.0, 1.0 / open_) if disease != "TAO" else eye_h * 1.1
+    ix = ex + iris_dx
+    iris_color = p["iris"]
+    if disease == "Uveitis" and affected:
+        bx, a_ring = c.ellipse(ix, ey, iris_r * (1.25 + 0.25 * sev), iris_r * (1.25 + 0.25 * sev))
+        if bx is not None:
+            c.paint(bx, a_ring * a_eye_in(c, bx, box, a_eye), np.array([0.85, 0.2, 0.2]), opacity=sev)
+        iris_color = (1 - 0.5 * sev) * iris_color + 0.5 * sev * np.array([0.6, 0.6, 0.55])
+    bi, a_iris = c.ellipse(ix, ey, iris_r, iris_r)
+    if bi is not None:
+        c.paint(bi, a_iris * a_eye_in(c, bi, box, a_eye), iris_color)
+    pupil = iris_r * (0.45 if not (disease == "Uveitis" and affected) else 0.45 - 0.25 * sev)
+    bp, a_p = c.ellipse(ix, ey, pupil, pupil)
+    if bp is not None:
+        c.paint(bp, a_p * a_eye_in(c, bp, box, a_eye), np.array([0.03, 0.03, 0.03]))
+    # upper lid: a skin band whose lower edge falls with ptosis
+    droop = 0.0
+    if disease == "Ptosis" and affected:
+        droop = sev * 1.5 * eye_h
+    if droop > 0:
+        bl, a_lid = c.ellipse(ex, ey - lid_open + droop, eye_w * 1.1, lid_open + droop * 0.2)
+        if bl is not None:
+            c.paint(bl, a_lid * a_eye_in(c, bl, box, a_eye), skin * 0.9)
+    c.paint(*c.ellipse(ex, ey - lid_open * 0.95 + droop, eye_w * 1.02, lid_open * 0.18), skin * 0.45)
+    if p["creases"] > 0:
+        c.paint(*c.ellipse(ex + side * eye_w * 1.2, ey + 0.01, eye_w * 0.3, 0.004, angle=side * 0.5),
+                skin * 0.7, opacity=p["creases"])
+
+
+
+def _paint_lesions(c: _Canvas, p: dict, disease: str, sev: float, index: int, yaw: float, eye_h: float) -> None:
+    """BCC / SCC lesions below the affected eye, marked in the canvas's lesion mask."""
+    if disease not in MASK_DISEASES:
+        return
+    lr = np.random.default_rng([p["lesion_seed"], index])
+    side = (-1, 1)[p["side"]]
+    lx = side * p["eye_dx"] + yaw + side * lr.uniform(-0.03, 0.06)
+    ly = p["eye_y"] + eye_h + lr.uniform(0.04, 0.08)
+    size = 0.035 + 0.055 * sev
+    if disease == "BCC":
+        box, a = c.ellipse(lx, ly, size, size * lr.uniform(0.8, 1.0))
+        c.paint(box, a, np.array([0.93, 0.72, 0.72]))
+        c.mark_lesion(box, a)
+        c.paint(*c.ellipse(lx, ly, size * 0.78, size * 0.7), np.array([0.98, 0.84, 0.82]))  # pearly
+        c.paint(*c.ellipse(lx, ly, size * 0.35, size * 0.3), np.array([0.45, 0.15, 0.12]), opacity=sev)  # ulcer
+    else:
+        for _ in range(3 + int(3 * sev)):
+            bx, a = c.ellipse(lx + lr.normal(0, size * 0.5), ly + lr.normal(0, size * 0.35),
+                              size * lr.uniform(0.4, 0.8), size * lr.uniform(0.3, 0.6), angle=lr.uniform(0, 3))
+            c.paint(bx, a, np.array([0.70, 0.25, 0.18]) * lr.uniform(0.85, 1.1))
+            c.mark_lesion(bx, a)
+        box, _ = c.ellipse(lx, ly, size * 1.6, size * 1.6)
+        if box is not None and c.lesion is not None:
+            scales = (lr.random(c.lesion[box].shape) > 0.7) * c.lesion[box]
+            c.paint(box, scales, np.array([0.93, 0.88, 0.80]), opacity=0.8)
+
+
+
+def _paint_nose_and_mouth(c: _Canvas, p: dict, yaw: float, smile: float) -> tuple[float, float, float]:
+    """The nose and the mouth; returns the mouth's (x, y, width)."""
+    skin = p["skin"]
+    c.paint(*c.ellipse(yaw * 1.5, p["eye_y"] + 0.06 + p["nose_len"] * 0.5, p["nose_w"] * 0.45, p["nose_len"] * 0.5),
+            skin * 1.06)
+    for side in (-1, 1):
+        c.paint(*c.ellipse(yaw * 1.5 + side * p["nose_w"] * 0.5, p["eye_y"] + 0.06 + p["nose_len"], p["nose_w"] * 0.3,
+                           0.018), skin * 0.55)
+    mx, my, mw = yaw * 1.3, p["mouth_y"], p["mouth_w"] * (1 + 0.08 * smile)
+    box, a = c.ellipse(mx, my, mw, 0.035 + 0.01 * abs(smile))
+    if box is not None:
+        curve = (c.v[box] - my) - smile * 0.9 * ((c.u[box] - mx) ** 2) + 0.004 * smile
+        c.paint(box, a * np.clip(1 - np.abs(curve) / 0.016, 0, 1), p["lip"])
+
+    return mx, my, mw
 
 
 def face_record(image_id: str, c: _Canvas, p: dict, *, yaw: float, mouth: tuple[float, float, float],

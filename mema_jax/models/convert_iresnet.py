@@ -173,7 +173,6 @@ def _module_sequence(config: IResNetConfig) -> list[tuple[str, str]]:
 def read_onnx_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The arcface_torch state dict (float32, no num_batches_tracked) an ONNX iresnet computes."""
     import onnx  # only here: reading ONNX files
-    from onnx import numpy_helper
 
     source = os.fspath(path)
     if not os.path.isfile(source):
@@ -183,18 +182,7 @@ def read_onnx_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except Exception as err:  # onnx raises DecodeError and others for a file that is not a model
         raise WeightsError(f"{source}: cannot read as an ONNX model: {err}") from err
 
-    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-        if node.op_type == "Constant" and node.attribute:
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-        elif node.op_type in _SHAPE_OPS and node.input[0] in values:
-            # Unfolded exports reach a weight through these (a PRelu slope through Unsqueeze).
-            shaped = _shape_op(node, values, onnx.helper.get_attribute_value)
-            if shaped is not None:
-                values[node.output[0]] = shaped
+    values, consumers = _onnx_constants(graph)
 
     def value(node, index):
         name = node.input[index] if index < len(node.input) else ""
@@ -252,24 +240,48 @@ def read_onnx_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         elif kind == "prelu":
             flat[f"{name}.weight"] = value(node, 1).reshape(-1)
         else:
-            w = value(node, 1)
-            if node.op_type == "Gemm":
-                if attr(node, "transA", 0) or attr(node, "alpha", 1.0) != 1.0 or attr(node, "beta", 1.0) != 1.0:
-                    raise WeightsError(f"{source}: Gemm {node.name!r} has transA/alpha/beta other than 0/1/1")
-                flat["fc.weight"] = w if attr(node, "transB", 0) else w.T
-                flat["fc.bias"] = value(node, 2)
-            else:  # MatMul (in, out) followed by an Add of the bias
-                adds = [c for c in consumers.get(node.output[0], []) if c.op_type == "Add"]
-                if len(adds) != 1:
-                    raise WeightsError(f"{source}: MatMul {node.name!r} is not followed by its bias Add")
-                other = 1 if adds[0].input[0] == node.output[0] else 0
-                flat["fc.weight"], flat["fc.bias"] = w.T, value(adds[0], other)
+            flat["fc.weight"], flat["fc.bias"] = _fc_weights(node, value, attr, consumers, source)
     if i != len(expected):
         raise WeightsError(f"{source}: the graph ends before arcface_torch's {expected[i][1]} ({expected[i][0]})")
     return flat
 
 
 _SHAPE_OPS = ("Identity", "Unsqueeze", "Squeeze", "Reshape")
+
+
+def _onnx_constants(graph) -> tuple[dict, dict]:
+    """(every constant tensor by name: initializers, Constant nodes, reshapes of them; each tensor's
+    consuming nodes)."""
+    import onnx
+    from onnx import numpy_helper
+
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+        if node.op_type == "Constant" and node.attribute:
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        elif node.op_type in _SHAPE_OPS and node.input[0] in values:
+            # Unfolded exports reach a weight through these (a PRelu slope through Unsqueeze).
+            shaped = _shape_op(node, values, onnx.helper.get_attribute_value)
+            if shaped is not None:
+                values[node.output[0]] = shaped
+    return values, consumers
+
+
+def _fc_weights(node, value, attr, consumers, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """arcface_torch's fc (weight (out, in), bias) from a Gemm, or a MatMul followed by its bias Add."""
+    w = value(node, 1)
+    if node.op_type == "Gemm":
+        if attr(node, "transA", 0) or attr(node, "alpha", 1.0) != 1.0 or attr(node, "beta", 1.0) != 1.0:
+            raise WeightsError(f"{source}: Gemm {node.name!r} has transA/alpha/beta other than 0/1/1")
+        return (w if attr(node, "transB", 0) else w.T), value(node, 2)
+    adds = [c for c in consumers.get(node.output[0], []) if c.op_type == "Add"]
+    if len(adds) != 1:
+        raise WeightsError(f"{source}: MatMul {node.name!r} is not followed by its bias Add")
+    other = 1 if adds[0].input[0] == node.output[0] else 0
+    return w.T, value(adds[0], other)
 
 
 def _shape_op(node, values, attribute_value) -> np.ndarray | None:
