@@ -90,6 +90,28 @@ def synth_dataset_32(tmp_path_factory):
     return layout.read_dataset(root, verify_images=False)
 
 
+@pytest.fixture
+def synth_folder_copy(tmp_path, synth_dataset_32):
+    """A writable copy of the shared MeMa-Synth folder (tests that break a folder on purpose)."""
+    dst = tmp_path / "mema"
+    shutil.copytree(synth_dataset_32.root, dst)
+    return dst
+
+
+def rewrite_csv(path: Path, change: Callable[[list[dict]], None]) -> list[dict]:
+    """Reads the CSV ``path`` as dict rows, lets ``change`` edit them in place, writes them back."""
+    import csv
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    change(rows)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        w.writeheader()
+        w.writerows(rows)
+    return rows
+
+
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     """A tiny diffusers SD pipeline saved with save_pretrained (tiny_models.save_tiny_sd_pipeline),
@@ -126,8 +148,8 @@ def _quickstart_stage(tmp_path_factory, stage: str, data_root: Path) -> Path:
     from launch.pipeline import plan
 
     def build(folder: Path) -> None:
-        [command] = [cmd for name, cmd, _ in plan("tiny", folder.parent, str(data_root)) if name == stage]
-        _run_command(command, folder)
+        [command] = [s.command for s in plan("tiny", folder.parent, str(data_root)) if s.name == stage]
+        _run_command(list(command), folder)
 
     return made_once(tmp_path_factory, f"quickstart/{stage}", build)
 

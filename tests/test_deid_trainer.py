@@ -4,16 +4,15 @@ The tiny medical encoder and ArcFace are trained here first (conftest fixtures),
 quickstart trains the real ones.
 """
 import os
-import signal
 import subprocess
 import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO, TINY_DEID_STEPS
 from parity import rel_err
+from training_runs import kill_at_step, metric, restored_state, run_env
 
 
 @pytest.fixture(scope="module")
@@ -22,33 +21,19 @@ def deid_args(tiny_diffusion_model, tiny_identity_backbone, synth_dataset_32):
             f"--config.identity.weights={tiny_identity_backbone}")
 
 
-def launch(workdir, *args, devices=1, popen=False):
-    cmd = [sys.executable, "-m", "launch.main", "--config=configs/medsem_deid.py:tiny", f"--workdir={workdir}", *args]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("XLA_FLAGS", None)
-    if devices > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    if popen:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+def launch_command(workdir, *args):
+    return [sys.executable, "-m", "launch.main", "--config=configs/medsem_deid.py:tiny", f"--workdir={workdir}", *args]
+
+
+def launch(workdir, *args, devices=1):
+    result = subprocess.run(launch_command(workdir, *args), cwd=REPO, env=run_env(devices), capture_output=True,
+                            text=True, timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
 
-def metric(workdir, name):
-    out = {}
-    for line in open(os.path.join(workdir, "metrics.csv")).read().splitlines()[1:]:
-        step, key, value, _ = line.split(",")
-        if key == name:
-            out[int(step)] = float(value)
-    return out
-
-
 def final_params(workdir, step):
-    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data"))
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    mngr.close()
-    return restored["state"]["params"]
+    return restored_state(workdir, step)["params"]
 
 
 def test_right_password_recovery_improves_with_training_and_wrong_passwords_do_not_recover(tiny_deid_run):
@@ -104,13 +89,7 @@ def test_sharded_step_on_8_devices_equals_one_device(deid_args, straight_run, tm
 
 def test_killed_run_resumes_bit_for_bit(deid_args, straight_run, tmp_path):
     args = (*deid_args, *STRAIGHT)
-    proc = launch(tmp_path / "killed", *args, popen=True)
-    for line in proc.stdout:
-        if line.startswith("step 7/"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    kill_at_step(launch_command(tmp_path / "killed", *args), 7)
     restart = launch(tmp_path / "killed", *args)
     assert "resumed from step" in restart.stdout
     for a, b in zip(jax.tree.leaves(final_params(tmp_path / "killed", STRAIGHT_STEPS)),

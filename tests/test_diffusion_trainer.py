@@ -5,17 +5,16 @@ tower) in subprocesses; each takes seconds after a ~20 s compile.
 """
 import hashlib
 import os
-import signal
 import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO
 from parity import rel_err
+from training_runs import kill_at_step, metric, restored_state, run_env
 
 from mema_jax.models import ip_adapter, lora
 from mema_jax.models.clip import CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -23,36 +22,21 @@ from mema_jax.models.convert_clip import save_clip_vision
 from mema_jax.models.convert_unet import load_unet
 
 
-def launch(workdir, data_root, *overrides, devices=1, check=True, popen=False):
-    cmd = [sys.executable, "-m", "launch.main", "--config=configs/mema_lora.py:tiny", f"--workdir={workdir}",
-           f"--config.data.root={data_root}", *overrides]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("XLA_FLAGS", None)
-    if devices > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    if popen:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+def launch_command(workdir, data_root, *overrides):
+    return [sys.executable, "-m", "launch.main", "--config=configs/mema_lora.py:tiny", f"--workdir={workdir}",
+            f"--config.data.root={data_root}", *overrides]
+
+
+def launch(workdir, data_root, *overrides, devices=1, check=True):
+    result = subprocess.run(launch_command(workdir, data_root, *overrides), cwd=REPO, env=run_env(devices),
+                            capture_output=True, text=True, timeout=900)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
 
 def final_params(workdir, step):
-    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data"))
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    mngr.close()
-    return restored["state"]["params"]
-
-
-def metric(workdir, name):
-    """{step: value} of one scalar in metrics.csv."""
-    out = {}
-    for line in open(os.path.join(workdir, "metrics.csv")).read().splitlines()[1:]:
-        step, key, value, _ = line.split(",")
-        if key == name:
-            out[int(step)] = float(value)
-    return out
+    return restored_state(workdir, step)["params"]
 
 
 def folder_digest(folder):
@@ -135,13 +119,7 @@ def test_lora_step_on_8_devices_equals_one_device(base_model, straight_lora, tmp
 def test_killed_lora_run_resumes_bit_for_bit(base_model, straight_lora, tmp_path, synth_dataset_32):
     args = (*LORA, f"--config.model.pretrained={base_model / 'model'}", f"--config.total_steps={STRAIGHT_STEPS}",
             "--config.checkpoint_every=4", "--config.keep_checkpoints=6")
-    proc = launch(tmp_path / "killed", synth_dataset_32.root, *args, popen=True)
-    for line in proc.stdout:
-        if line.startswith("step 12/"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    kill_at_step(launch_command(tmp_path / "killed", synth_dataset_32.root, *args), 12)
     restart = launch(tmp_path / "killed", synth_dataset_32.root, *args)
     assert "resumed from step" in restart.stdout
     for a, b in zip(jax.tree.leaves(final_params(tmp_path / "killed", STRAIGHT_STEPS)),

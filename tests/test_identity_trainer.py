@@ -2,8 +2,6 @@
 that the eval bridge scores exactly as the JAX model; sharded as unsharded; resumable bit for bit."""
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 
@@ -14,6 +12,7 @@ import pytest
 import torch
 from conftest import REPO
 from parity import FP32_TOL, rel_err
+from training_runs import kill_at_step, run_env
 
 from configs.identity import get_config
 from eval.identity import load_identity_model
@@ -113,16 +112,10 @@ def launch_cmd(workdir, data_root):
             "--config.log_every=2"]
 
 
-def env():
-    e = dict(os.environ, PYTHONUNBUFFERED="1")
-    e.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop run
-    return e
-
-
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, synth_dataset_32):
     workdir = tmp_path_factory.mktemp("identity_run") / "straight"
-    subprocess.run(launch_cmd(workdir, synth_dataset_32.root), cwd=REPO, env=env(), check=True, capture_output=True,
+    subprocess.run(launch_cmd(workdir, synth_dataset_32.root), cwd=REPO, env=run_env(), check=True, capture_output=True,
                    timeout=900)
     return workdir
 
@@ -169,19 +162,10 @@ def test_exported_backbone_is_scored_by_the_eval_bridge_as_the_jax_model_scores_
 
 def test_killed_and_restarted_run_equals_uninterrupted_run_bit_for_bit(tmp_path, straight_run, synth_dataset_32):
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(launch_cmd(killed, synth_dataset_32.root), cwd=REPO, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith(f"step {TOTAL_STEPS // 2}/"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    kill_at_step(launch_cmd(killed, synth_dataset_32.root), TOTAL_STEPS // 2)
     assert not (killed / identity.BACKBONE_FILE).exists()
 
-    restart = subprocess.run(launch_cmd(killed, synth_dataset_32.root), cwd=REPO, env=env(), check=True,
+    restart = subprocess.run(launch_cmd(killed, synth_dataset_32.root), cwd=REPO, env=run_env(), check=True,
                              capture_output=True, text=True, timeout=900)
     resumed = [line for line in restart.stdout.splitlines() if line.startswith("resumed from step")]
     assert resumed and 0 < int(resumed[0].split()[3]) < TOTAL_STEPS, restart.stdout

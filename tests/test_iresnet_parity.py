@@ -8,7 +8,6 @@ Bound: fp32 relative error ||ours - torch|| / ||torch|| <= 1e-5 on the 512-d fea
 """
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from parity import FP32_TOL, rel_err
+from tiny_models import randomise_
 
 from eval.identity import load_identity_model
 from eval.identity.iresnet import iresnet
@@ -29,23 +29,6 @@ from mema_jax.models.convert_iresnet import (
 from mema_jax.core.sharding import unbox
 from mema_jax.models.iresnet import IResNet, IResNetConfig, init_variables
 from mema_jax.models.weights import WeightsError
-
-
-def randomise_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random weights, PReLU slopes and BatchNorm scales, shifts and running statistics (fan-in
-    scaled so deep nets stay finite); the features BN weight too, which a file may hold."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in module.state_dict().items():
-            if not tensor.is_floating_point():
-                continue
-            if name.endswith("running_var") or (name.endswith(".weight") and tensor.ndim == 1):
-                tensor.copy_(torch.rand(tensor.shape, generator=generator) * 0.5 + 0.25)
-            elif tensor.ndim >= 2:
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) / math.sqrt(tensor[0].numel()))
-            else:
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
-    return module.eval()
 
 
 def nhwc(x: torch.Tensor) -> jnp.ndarray:

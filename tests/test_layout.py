@@ -1,28 +1,19 @@
 """The MeMa layout reader: a malformed folder fails with one error naming the file and the problem."""
 import csv
-import shutil
 
 import pytest
+from conftest import rewrite_csv
 
 from mema_jax.data import layout
 
 
 @pytest.fixture
-def folder(tmp_path, synth_dataset_32):
-    dst = tmp_path / "mema"
-    shutil.copytree(synth_dataset_32.root, dst)
-    return dst
+def folder(synth_folder_copy):
+    return synth_folder_copy
 
 
 def rewrite_labels(root, change):
-    path = root / layout.LABELS_FILE
-    rows = list(csv.DictReader(open(path)))
-    change(rows)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        w.writeheader()
-        w.writerows(rows)
-    return rows
+    return rewrite_csv(root / layout.LABELS_FILE, change)
 
 
 def test_a_valid_folder_reads_back_what_was_written(folder):

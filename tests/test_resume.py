@@ -1,13 +1,11 @@
 """A run killed with SIGKILL and restarted ends exactly where an uninterrupted run ends."""
-import os
-import signal
 import subprocess
 import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from conftest import REPO
+from training_runs import kill_at_step, restored_state, run_env
 
 TOTAL_STEPS = 40
 
@@ -20,39 +18,20 @@ def launch_cmd(workdir, data_root):
     ]
 
 
-def env():
-    e = dict(os.environ, PYTHONUNBUFFERED="1")
-    e.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop run
-    return e
-
-
 def final_params(workdir):
-    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data"))
-    assert mngr.latest_step() == TOTAL_STEPS
-    restored = mngr.restore(TOTAL_STEPS, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    mngr.close()
-    return restored["state"]
+    return restored_state(workdir, TOTAL_STEPS)
 
 
 def test_killed_and_restarted_run_equals_uninterrupted_run_bit_for_bit(tmp_path, synth_dataset_32):
     data = str(synth_dataset_32.root)
     straight = tmp_path / "straight"
-    subprocess.run(launch_cmd(straight, data), cwd=REPO, env=env(), check=True, capture_output=True, timeout=900)
+    subprocess.run(launch_cmd(straight, data), cwd=REPO, env=run_env(), check=True, capture_output=True, timeout=900)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(launch_cmd(killed, data), cwd=REPO, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith(f"step {TOTAL_STEPS // 2}/"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    seen = kill_at_step(launch_cmd(killed, data), TOTAL_STEPS // 2)
     assert not any(line.startswith("done:") for line in seen)
 
-    restart = subprocess.run(launch_cmd(killed, data), cwd=REPO, env=env(), check=True, capture_output=True,
+    restart = subprocess.run(launch_cmd(killed, data), cwd=REPO, env=run_env(), check=True, capture_output=True,
                              text=True, timeout=900)
     resumed = [line for line in restart.stdout.splitlines() if line.startswith("resumed from step")]
     assert resumed, restart.stdout

@@ -1,9 +1,8 @@
 """MeMa-Synth records each face as it draws it (faces.csv); the layout reader validates the table."""
-import csv
-import shutil
 
 import numpy as np
 import pytest
+from conftest import rewrite_csv
 
 from mema_jax.data import layout, synth
 
@@ -52,20 +51,12 @@ def test_a_folder_rendered_before_faces_reads_without_faces_and_gets_them_back(t
 # ---------------------------------------------------------------- validation
 
 @pytest.fixture
-def folder(tmp_path, synth_dataset_32):
-    dst = tmp_path / "mema"
-    shutil.copytree(synth_dataset_32.root, dst)
-    return dst
+def folder(synth_folder_copy):
+    return synth_folder_copy
 
 
 def rewrite_faces(root, change):
-    path = root / layout.FACES_FILE
-    rows = list(csv.DictReader(open(path)))
-    change(rows)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        w.writeheader()
-        w.writerows(rows)
+    rewrite_csv(root / layout.FACES_FILE, change)
 
 
 def test_faces_round_trip_through_write_faces(folder):

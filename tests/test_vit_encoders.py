@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO
 from parity import FP32_TOL, rel_err
+from training_runs import kill_at_step, restored_state, run_env
 
 from configs.vit_encoder import get_config
 from mema_jax.core import loop
@@ -272,38 +271,19 @@ def launch_cmd(workdir, data_root):
             "--config.log_every=2", "--config.grad_accum_steps=2", "--config.ema_decay=0.9"]
 
 
-def env():
-    e = dict(os.environ, PYTHONUNBUFFERED="1")
-    e.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop run
-    return e
-
-
 def final_state(workdir):
-    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data"))
-    assert mngr.latest_step() == TOTAL_STEPS
-    restored = mngr.restore(TOTAL_STEPS, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    mngr.close()
-    return restored["state"]
+    return restored_state(workdir, TOTAL_STEPS)
 
 
 def test_mae_killed_and_restarted_equals_uninterrupted_bit_for_bit_and_exports_its_encoder(tmp_path, synth_dataset_32):
     data = synth_dataset_32.root
     straight = tmp_path / "straight"
-    subprocess.run(launch_cmd(straight, data), cwd=REPO, env=env(), check=True, capture_output=True, timeout=900)
+    subprocess.run(launch_cmd(straight, data), cwd=REPO, env=run_env(), check=True, capture_output=True, timeout=900)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(launch_cmd(killed, data), cwd=REPO, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith(f"step {TOTAL_STEPS // 2}/"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    kill_at_step(launch_cmd(killed, data), TOTAL_STEPS // 2)
     assert not (killed / mae_trainer.ENCODER_DIR).exists()
-    restart = subprocess.run(launch_cmd(killed, data), cwd=REPO, env=env(), check=True, capture_output=True,
+    restart = subprocess.run(launch_cmd(killed, data), cwd=REPO, env=run_env(), check=True, capture_output=True,
                              text=True, timeout=900)
     resumed = [line for line in restart.stdout.splitlines() if line.startswith("resumed from step")]
     assert resumed and 0 < int(resumed[0].split()[3]) < TOTAL_STEPS, restart.stdout

@@ -8,6 +8,7 @@ them for the reference outputs.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -205,3 +206,21 @@ def save_tiny_sd_pipeline(folder: Path, tokenizer_dir: Path) -> Path:
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
     return folder
+
+
+def randomise_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random weights, PReLU slopes and BatchNorm scales, shifts and running statistics, in place
+    (fan-in scaled so deep nets stay finite); returns the module in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in module.state_dict().items():
+            if not tensor.is_floating_point():
+                continue
+            if name.endswith("running_var") or (name.endswith(".weight") and tensor.ndim == 1):
+                # BN scales / variances and PReLU slopes
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) * 0.5 + 0.25)
+            elif tensor.ndim >= 2:
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) / math.sqrt(tensor[0].numel()))
+            else:
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
+    return module.eval()

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tiny_models import randomise_
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
@@ -43,22 +43,6 @@ SMALL = 400  # photos are shrunk to this longer side: fast, and faces stay well 
 
 
 # ---------------------------------------------------------------- helpers
-
-def randomise_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random weights and BatchNorm statistics (fan-in scaled, so deep nets stay finite)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in module.state_dict().items():
-            if not tensor.is_floating_point():
-                continue
-            if name.endswith("running_var") or (name.endswith(".weight") and tensor.ndim == 1):
-                # BN scales / variances and PReLU slopes
-                tensor.copy_(torch.rand(tensor.shape, generator=generator) * 0.5 + 0.25)
-            elif tensor.ndim >= 2:
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) / math.sqrt(tensor[0].numel()))
-            else:
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
-    return module.eval()
 
 
 def relative_error(out: np.ndarray, ref: np.ndarray) -> float:
