@@ -218,7 +218,7 @@ def bench_jax(config, batch, size, context_len, precision, passes, warmup, repea
     return results
 
 
-def main(argv=None):
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu-small")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
@@ -238,7 +238,11 @@ def main(argv=None):
     parser.add_argument("--conv-stride", type=int, default=1, help="--conv-shapes stride (map = input size)")
     parser.add_argument("--cpus", type=int, help="pin the process to this many CPU cores (default: 1 for cpu sizes, "
                         "all for gpu sizes)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
 
     # On a shared CPU box more threads than free cores makes PyTorch's OpenMP spin-waits
     # dominate (measured 30x slowdowns at load 3 on 2 cores); pinning both frameworks to the
@@ -287,6 +291,10 @@ def main(argv=None):
     if args.only != "jax":
         results["torch"] = bench_torch(*common, "cuda" if gpu else "cpu")
 
+    print_table(results, passes)
+
+
+def print_table(results: dict, passes) -> None:
     print("\n| pass | framework | first call (s) | median step (ms) | JAX / PyTorch |")
     print("|---|---|---|---|---|")
     for name in passes:

@@ -409,14 +409,9 @@ def train_classifier(
                              s["weight_decay"], s["image_size"], hflip, seed, warmup_epochs=s["warmup_epochs"],
                              shift=s["shift"], jitter=s["jitter"])
     final_dir = out_dir / CLASSIFIER_DIR
-    if (final_dir / CLASSIFIER_INFO_FILE).is_file():
-        _check_same_settings(json.loads((final_dir / CLASSIFIER_INFO_FILE).read_text())["settings"], settings,
-                             final_dir / CLASSIFIER_INFO_FILE)
+    if _finished(final_dir, settings):
         return load_classifier(out_dir, device=device)
-    train_records = dataset.split("train")
-    if len(train_records) < (2 if kind in BACKBONE_KINDS else 1):
-        raise ClassifierInputError(f"{dataset.root}: the train split has {len(train_records)} images; too few to "
-                                   f"train {kind} on")
+    train_records = _train_records(dataset, kind)
     select_records = dataset.split("select")
     device = _default_device(device)
 
@@ -459,6 +454,23 @@ def train_classifier(
     checkpoint_path.unlink()
     model.eval()
     return classifier
+
+
+def _finished(final_dir: Path, settings) -> bool:
+    """Whether ``final_dir`` holds a classifier trained with ``settings`` (other settings: an error)."""
+    info = final_dir / CLASSIFIER_INFO_FILE
+    if not info.is_file():
+        return False
+    _check_same_settings(json.loads(info.read_text())["settings"], settings, info)
+    return True
+
+
+def _train_records(dataset, kind: str) -> list:
+    records = dataset.split("train")
+    if len(records) < (2 if kind in BACKBONE_KINDS else 1):
+        raise ClassifierInputError(f"{dataset.root}: the train split has {len(records)} images; too few to "
+                                   f"train {kind} on")
+    return records
 
 
 def _train_epoch(classifier, loader, optimizer, scheduler, generator, device, *, hflip, shift, jitter) -> list[float]:

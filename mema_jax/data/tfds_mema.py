@@ -4,12 +4,12 @@ Build (offline: it reads the folder, downloads nothing, never writes into it)::
 
     python -m mema_jax.data.tfds_mema build --root MEMA_DIR --data-dir OUT [--shards N] [--overwrite]
 
-writes ``OUT/mema/1.0.0/``: ``mema-{train,select,val}.array_record-XXXXX-of-NNNNN`` (one
-``tf.train.Example`` per image, random access), ``dataset_info.json``, ``features.json`` and
-``metadata.json`` (the labels and faces tables, and the SHA-256 of the labels.csv / faces.csv
-they came from, so the records are known without reading the shards).  The build is written into
-a temp folder inside OUT and renamed into place when complete: a crashed build leaves no
-half-written ``mema/1.0.0``, and ``--overwrite`` swaps the old build for the new one only at the end.
+writes ``OUT/mema/1.0.0/``: ``mema-{train,select,val}.array_record-XXXXX-of-NNNNN`` (one ``tf.train.Example``
+per image, random access), ``dataset_info.json``, ``features.json`` and ``metadata.json`` (the labels and
+faces tables, and the SHA-256 of the labels.csv / faces.csv they came from, so the records are known without
+reading the shards). The build is written into a temp folder inside OUT and renamed into place when complete:
+a crashed build leaves no half-written ``mema/1.0.0``, and ``--overwrite`` swaps the old build for the new one
+only at the end.
 Features:
 
   image      PNG, H x W x 3 uint8 (the folder's file, bytes unchanged when it is an 8-bit RGB PNG;
@@ -32,26 +32,25 @@ Splits: the layout's train / select / val (a split without images is left out). 
 stored in the folder's order within each split (``disable_shuffling``), so index i of a split is
 the i-th record of ``MeMaDataset.split(name)``: the same ``index`` the folder pipeline yields.
 
-Reading: ``open_arrayrecord(OUT)`` gives an ``ArrayRecordDataset``, a ``layout.MeMaDataset``
-whose records and faces come from metadata.json and whose ``load_image`` / ``load_mask`` decode
-the shards' PNGs (tfds' ArrayRecord data source, thread-safe random access, read as raw records
-whose tf.train.Example is parsed with tfds' proto for just the image, mask and image_id: tfds' full
-decode of all twelve features costs more than the PNG; ``example(rec)`` gives that full decode).
-The dataset pickles, so grain's worker processes open their own readers.  ``pipeline.make_loader`` takes it wherever it
-takes a folder's dataset and yields the same examples (keys, dtypes, shapes, values: the same
-decode, resize and augmentation code runs) in the same order, with the same checkpointable
-iterator state.  Opening checks every shard file is there and holds the records dataset_info.json
-lists; a damaged record is reported, naming its shard, when it is read.
+Reading: ``open_arrayrecord(OUT)`` gives an ``ArrayRecordDataset``, a ``layout.MeMaDataset`` whose records and
+faces come from metadata.json and whose ``load_image`` / ``load_mask`` decode the shards' PNGs (tfds'
+ArrayRecord data source, thread-safe random access, read as raw records whose tf.train.Example is parsed with
+tfds' proto for just the image, mask and image_id: tfds' full decode of all twelve features costs more than
+the PNG; ``example(rec)`` gives that full decode). The dataset pickles, so grain's worker processes open their
+own readers. ``pipeline.make_loader`` takes it wherever it takes a folder's dataset and yields the same
+examples (keys, dtypes, shapes, values: the same decode, resize and augmentation code runs) in the same order,
+with the same checkpointable iterator state. Opening checks every shard file is there and holds the records
+dataset_info.json lists; a damaged record is reported, naming its shard, when it is read.
 
 Config switch (what the trainers call: ``open_configured_dataset``)::
 
     data.format = "folder"          # or "arrayrecord"; absent = "folder"
     data.arrayrecord_dir = ""       # the build's data dir (OUT above); "" = <data.root>_arrayrecord
 
-With "arrayrecord", ``ensure_arrayrecord`` opens the build when it exists (the folder need not be on
-that machine; when it is, its labels.csv and faces.csv must be the ones the build was made from),
-otherwise it renders MeMa-Synth into data.root when asked (as ``pipeline.ensure_dataset``) and
-builds from the folder: process 0 builds, the others wait for the finished build.
+With "arrayrecord", ``ensure_arrayrecord`` opens the build when it exists (the folder need not be on that
+machine; when it is, its labels.csv and faces.csv must be the ones the build was made from), otherwise it
+renders MeMa-Synth into data.root when asked (as ``pipeline.ensure_dataset``) and builds from the folder:
+process 0 builds, the others wait for the finished build.
 
 tensorflow-datasets and array_record (the ``tfds`` extra) are imported only when an ArrayRecord
 build is written or read: the folder path needs neither.
