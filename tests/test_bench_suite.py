@@ -23,6 +23,7 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import suite  # noqa: E402
+from workloads import common as workload_common  # noqa: E402
 
 
 @pytest.mark.parametrize("variant,overrides", [
@@ -48,8 +49,8 @@ def test_conv_flops_are_xlas_exactly():
         x = jax.ShapeDtypeStruct((2, 5, h, h), jnp.float32)
         w = jax.ShapeDtypeStruct((6, 5, k, k), jnp.float32)
         conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(x, w, (s, s), [(p, p), (p, p)]))  # noqa: B023
-        xla = suite._cost(conv.lower(x, w).cost_analysis())
-        assert suite.conv_flops(2, h, h, 5, 6, k=k, s=s, p=p)[0] == xla, (h, k, s, p)
+        xla = workload_common._cost(conv.lower(x, w).cost_analysis())
+        assert workload_common.conv_flops(2, h, h, 5, 6, k=k, s=s, p=p)[0] == xla, (h, k, s, p)
 
 
 def _table_rows(text):
