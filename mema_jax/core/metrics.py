@@ -80,14 +80,16 @@ class ConsoleWriter(_ScalarWriter):
         self._last: tuple[int, float] | None = None
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        shown = [f"{k} {float(np.asarray(v)):.4g}" for k, v in scalars.items() if k.rsplit("/", 1)[-1] in self.keys]
+        if not shown:
+            # Other writers' scalars (clu's ReportProgress, written when a step is dispatched, not finished)
+            # would make the rate a dispatch-to-completion time: only this writer's own lines count.
+            return
         now = time.perf_counter()
         rate = None
         if self._last is not None and step > self._last[0]:
             rate = (step - self._last[0]) / max(now - self._last[1], 1e-9)
         self._last = (step, now)
-        shown = [f"{k} {float(np.asarray(v)):.4g}" for k, v in scalars.items() if k.rsplit("/", 1)[-1] in self.keys]
-        if not shown:
-            return
         parts = [f"step {step}/{self.total_steps}"] + shown
         if rate:
             eta = (self.total_steps - step) / rate
