@@ -1,12 +1,15 @@
 """A run whose latest checkpoint is unreadable falls back to the previous one; none readable is one error."""
 import os
+import shutil
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from conftest import REPO
+from training_runs import run_env
 
 TOTAL_STEPS = 12
 
@@ -14,9 +17,25 @@ TOTAL_STEPS = 12
 def launch(workdir, data_root):
     cmd = [sys.executable, "-m", "launch.main", "--config=configs/quickstart.py:tiny", f"--workdir={workdir}",
            f"--config.data.root={data_root}", f"--config.total_steps={TOTAL_STEPS}", "--config.checkpoint_every=4"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("XLA_FLAGS", None)
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, synth_dataset_32):
+    """One finished run (checkpoints at steps 4, 8, 12); each test breaks its own copy."""
+    workdir = tmp_path_factory.mktemp("finished") / "run"
+    first = launch(workdir, synth_dataset_32.root)
+    assert first.returncode == 0, first.stderr
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "4", "8"]
+    return workdir
+
+
+def copy_of(finished_run, tmp_path):
+    """The finished run copied to where it was made in this test (runs record no absolute paths
+    that resuming needs)."""
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run, workdir)
+    return workdir
 
 
 def params_at(checkpoints, step):
@@ -33,12 +52,10 @@ def truncate_files(folder, keep_fraction):
         os.truncate(path, int(os.path.getsize(path) * keep_fraction))
 
 
-def test_truncated_latest_checkpoint_falls_back_to_the_previous_one_and_is_kept(tmp_path, synth_dataset_32):
-    workdir = tmp_path / "run"
+def test_truncated_latest_checkpoint_falls_back_to_the_previous_one_and_is_kept(tmp_path, synth_dataset_32,
+                                                                                 finished_run):
+    workdir = copy_of(finished_run, tmp_path)
     checkpoints = workdir / "checkpoints"
-    first = launch(workdir, synth_dataset_32.root)
-    assert first.returncode == 0, first.stderr
-    assert sorted(os.listdir(checkpoints)) == ["12", "4", "8"]
     want = params_at(checkpoints, TOTAL_STEPS)
 
     truncate_files(checkpoints / "12", 0.5)
@@ -55,10 +72,10 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one_and_is_kept(
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_no_readable_checkpoint_is_one_error_naming_the_directory_and_renames_nothing(tmp_path, synth_dataset_32):
-    workdir = tmp_path / "run"
+def test_no_readable_checkpoint_is_one_error_naming_the_directory_and_renames_nothing(tmp_path, synth_dataset_32,
+                                                                                      finished_run):
+    workdir = copy_of(finished_run, tmp_path)
     checkpoints = workdir / "checkpoints"
-    assert launch(workdir, synth_dataset_32.root).returncode == 0
     for step in ("4", "8", "12"):
         truncate_files(checkpoints / step, 0.0)
     result = launch(workdir, synth_dataset_32.root)

@@ -10,7 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, TINY_DEID_STEPS
+from conftest import REPO, TINY_DEID_STEPS, made_once
 from parity import rel_err
 from training_runs import kill_at_step, metric, restored_state, run_env
 
@@ -26,8 +26,9 @@ def launch_command(workdir, *args):
 
 
 def launch(workdir, *args, devices=1):
-    result = subprocess.run(launch_command(workdir, *args), cwd=REPO, env=run_env(devices), capture_output=True,
-                            text=True, timeout=1500)
+    """Every run here is a few steps, mostly compilation: compiled fast (conftest.child_xla_flags)."""
+    result = subprocess.run(launch_command(workdir, *args), cwd=REPO, env=run_env(devices, fast_compile=True),
+                            capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -56,10 +57,9 @@ STRAIGHT = (f"--config.total_steps={STRAIGHT_STEPS}", "--config.eval_every=0", "
 
 @pytest.fixture(scope="module")
 def straight_run(deid_args, tmp_path_factory):
-    """One uninterrupted one-device run: the reference of the sharded and the killed runs."""
-    workdir = tmp_path_factory.mktemp("straight")
-    launch(workdir, *deid_args, *STRAIGHT)
-    return workdir
+    """One uninterrupted one-device run, made once for both xdist workers: the reference of the
+    sharded and the killed runs."""
+    return made_once(tmp_path_factory, "deid_trainer/straight", lambda workdir: launch(workdir, *deid_args, *STRAIGHT))
 
 
 def test_sharded_step_on_8_devices_equals_one_device(deid_args, straight_run, tmp_path):
@@ -89,7 +89,7 @@ def test_sharded_step_on_8_devices_equals_one_device(deid_args, straight_run, tm
 
 def test_killed_run_resumes_bit_for_bit(deid_args, straight_run, tmp_path):
     args = (*deid_args, *STRAIGHT)
-    kill_at_step(launch_command(tmp_path / "killed", *args), 7)
+    kill_at_step(launch_command(tmp_path / "killed", *args), 7, env=run_env(fast_compile=True))
     restart = launch(tmp_path / "killed", *args)
     assert "resumed from step" in restart.stdout
     for a, b in zip(jax.tree.leaves(final_params(tmp_path / "killed", STRAIGHT_STEPS)),

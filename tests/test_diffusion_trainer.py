@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, made_once
 from parity import rel_err
 from training_runs import kill_at_step, metric, restored_state, run_env
 
@@ -100,11 +100,10 @@ STRAIGHT_STEPS = 24
 @pytest.fixture(scope="module")
 def straight_lora(base_model, tmp_path_factory, synth_dataset_32):
     """One uninterrupted one-device LoRA run (EMA, gradient accumulation), checkpoints at every 4th
-    step all kept: the reference of the sharded and the killed runs."""
-    workdir = tmp_path_factory.mktemp("straight_lora")
-    launch(workdir, synth_dataset_32.root, *LORA, f"--config.model.pretrained={base_model / 'model'}",
-           f"--config.total_steps={STRAIGHT_STEPS}", "--config.checkpoint_every=4", "--config.keep_checkpoints=6")
-    return workdir
+    step all kept, made once for both xdist workers: the reference of the sharded and the killed runs."""
+    return made_once(tmp_path_factory, "diffusion_trainer/straight_lora", lambda workdir: launch(
+        workdir, synth_dataset_32.root, *LORA, f"--config.model.pretrained={base_model / 'model'}",
+        f"--config.total_steps={STRAIGHT_STEPS}", "--config.checkpoint_every=4", "--config.keep_checkpoints=6"))
 
 
 def test_lora_step_on_8_devices_equals_one_device(base_model, straight_lora, tmp_path, synth_dataset_32):

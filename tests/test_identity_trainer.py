@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, made_once
 from parity import FP32_TOL, rel_err
 from training_runs import kill_at_step, run_env
 
@@ -114,10 +114,10 @@ def launch_cmd(workdir, data_root):
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, synth_dataset_32):
-    workdir = tmp_path_factory.mktemp("identity_run") / "straight"
-    subprocess.run(launch_cmd(workdir, synth_dataset_32.root), cwd=REPO, env=run_env(), check=True, capture_output=True,
-                   timeout=900)
-    return workdir
+    """One uninterrupted run, made once for both xdist workers."""
+    return made_once(tmp_path_factory, "identity_trainer/straight", lambda workdir: subprocess.run(
+        launch_cmd(workdir, synth_dataset_32.root), cwd=REPO, env=run_env(), check=True, capture_output=True,
+        timeout=900))
 
 
 def final_state(workdir, dataset):

@@ -9,18 +9,16 @@ import subprocess
 from pathlib import Path
 
 import orbax.checkpoint as ocp
+from conftest import child_xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_env(devices: int = 1) -> dict:
+def run_env(devices: int = 1, fast_compile: bool = False) -> dict:
     """The test process's environment for a child run: unbuffered output, one CPU device (a user's
-    laptop run; the tests themselves see eight), or ``devices`` emulated ones."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("XLA_FLAGS", None)
-    if devices > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
+    laptop run; the tests themselves see eight), or ``devices`` emulated ones; the suite's compile
+    flags where ``fast_compile`` (conftest.child_xla_flags)."""
+    return dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS=child_xla_flags(devices, fast_compile))
 
 
 def kill_at_step(command, step: int, env: dict | None = None) -> list[str]:
