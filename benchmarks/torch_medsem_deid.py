@@ -293,12 +293,9 @@ class MedSemDeID(nn.Module):
             return f
         return f * sign_mask(password, tuple(f.shape[1:]), self.hash_multipliers).to(f.dtype)
 
-    def encrypt(self, f, password):
-        return self._pad(self.encryptor(f, password), password)
-
     def deidentify(self, x, f_med, password):
-        f_enc = self.encrypt(self.features(x, f_med), password)
-        return self.decoder(f_enc), f_enc
+        f_encrypted = self.encryptor(self.features(x, f_med), password)
+        return self.decoder(f_encrypted), self._pad(f_encrypted, password)
 
     def recover(self, encrypted, password):
         if self.reencoder is not None:
@@ -309,16 +306,17 @@ class MedSemDeID(nn.Module):
         """Batched as ours: both recoveries in one decryptor batch, the decoder's three inputs in one."""
         n = x.shape[0]
         f = self.features(x, f_med)
-        f_enc = self.encrypt(f, password)
+        f_encrypted = self.encryptor(f, password)
+        f_enc = self._pad(f_encrypted, password)
         passwords = torch.cat([password, wrong_password])
         if self.reencoder is not None:
-            x_enc = self.decoder(f_enc)
+            x_enc = self.decoder(f_encrypted)
             encrypted = self.reencoder(quantize_8bit(x_enc))
             both = torch.cat([encrypted, encrypted])
             recovered = self.decoder(self.decryptor(self._pad(both, passwords), passwords))
             return SimpleNamespace(f=f, f_enc=f_enc, x_enc=x_enc, x_hat=recovered[:n], x_wrong=recovered[n:])
         decrypted = self.decryptor(self._pad(torch.cat([f_enc, f_enc]), passwords), passwords)
-        images = self.decoder(torch.cat([f_enc, decrypted]))
+        images = self.decoder(torch.cat([f_encrypted, decrypted]))
         return SimpleNamespace(f=f, f_enc=f_enc, x_enc=images[:n], x_hat=images[n:2 * n], x_wrong=images[2 * n:])
 
 

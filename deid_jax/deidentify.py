@@ -8,8 +8,10 @@ The passphrase is asked for at a prompt (not echoed), or read from ``--passphras
 history would show it) and never written anywhere.  What is written:
 
     METHOD/deid/<name>.png        the de-identified image, at the original's size, no metadata
-    METHOD/features/<name>.npy    the encrypted features f_enc (models that recover from features,
-                                  the paper's path; for ``recover_from=image`` models the PNG suffices)
+    METHOD/features/<name>.sealed the encrypted features f_enc (models that recover from features,
+                                  the paper's path), sealed with AES-256-GCM under a key from the
+                                  passphrase (deid_jax/payload.py); ``recover_from=image`` models need
+                                  only the PNG
     METHOD/password.json          the salt and scrypt cost the passphrase is stretched with (public)
     METHOD/recovered/<name>.png   ``recover``'s output (or under ``--out``)
     METHOD/failures.csv           the inputs that could not be processed, with the reason
@@ -18,6 +20,11 @@ history would show it) and never written anywhere.  What is written:
 the method-folder layout ``eval.report`` scores.  ``--opaque-names --name-map FILE`` writes outputs
 under random names instead and the original -> opaque map to FILE (keep it apart from the images);
 the failures, which name originals, then go to FILE's stem + ``.failures.csv``, not into METHOD.
+
+A wrong passphrase, a modified features file or one moved onto another image's name does not
+open: ``recover`` lists it in failures.csv, and stops with one error when no file of the folder
+opens (the passphrase is wrong).  (The networks' own answer to a wrong password, another face, is
+measured by the trainer's evaluation: ``eval/psnr_wrong``, ``eval/id_cos_wrong``.)
 
 Inputs are only read.  Each output is written atomically; a rerun skips outputs that exist (a
 killed run finishes where it stopped).  A bad input (unreadable, grayscale or RGBA unless
@@ -32,7 +39,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import io
 import secrets
 import sys
 from collections.abc import Sequence
@@ -44,7 +50,7 @@ from PIL import Image
 
 from deid_jax import export
 from deid_jax import medical_encoder as med_lib
-from deid_jax import passwords
+from deid_jax import passwords, payload
 from deid_jax.export import DeidModelError  # noqa: F401  (the error a bad --model raises)
 from deid_jax.model import DeidConfig, MedSemDeID
 from mema_jax.core.compile import jit, use_persistent_cache
@@ -185,12 +191,6 @@ def _resized(image: np.ndarray, original: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(original, Image.BICUBIC))
 
 
-def _write_npy(path: Path, array: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, array)
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def _write_failures(path: Path, failures: dict[str, str]) -> None:
     atomic_write_bytes(path, csv_bytes(["name", "reason"], sorted(failures.items())))
 
@@ -239,7 +239,7 @@ def deidentify_folder(model: Deidentifier, inputs, out, passphrase: str, *, batc
         key_params = passwords.KeyParams.load(out)
     key_params = key_params or passwords.KeyParams.new()
     key_params.save(out)
-    password = passwords.password_vector(passphrase, key_params)
+    secret = passwords.derive(passphrase, key_params)
     opaque = _load_name_map(name_map) if name_map else None
     result = {"done": [], "skipped": [], "failures": {}, "out": out}
 
@@ -256,7 +256,7 @@ def deidentify_folder(model: Deidentifier, inputs, out, passphrase: str, *, batc
         if t is None:
             todo.append(name)
             continue
-        deid, feats = out / "deid" / t, out / "features" / Path(t).with_suffix(".npy")
+        deid, feats = out / "deid" / t, _features_file(out, t)
         if deid.exists() and (model.recovers_from_image or feats.exists()):
             result["skipped"].append(name)
         else:
@@ -274,11 +274,11 @@ def deidentify_folder(model: Deidentifier, inputs, out, passphrase: str, *, batc
             ok.append(name)
         if not ok:
             continue
-        x_enc, f_enc = model.deidentify(_pad(images, batch_size), password)
+        x_enc, f_enc = model.deidentify(_pad(images, batch_size), secret.vector)
         for i, name in enumerate(ok):
             t = target(name)
             if not model.recovers_from_image:
-                _write_npy(out / "features" / Path(t).with_suffix(".npy"), f_enc[i])
+                atomic_write_bytes(_features_file(out, t), payload.seal(secret.payload_key, t, f_enc[i]))
             write_png(out / "deid" / t, _resized(x_enc[i], originals[i]))
             result["done"].append(name)
         if opaque is not None:
@@ -290,13 +290,18 @@ def deidentify_folder(model: Deidentifier, inputs, out, passphrase: str, *, batc
     return result
 
 
-def recover_folder(model: Deidentifier, method_dir, passphrase: str, *, out=None, batch_size: int = 16) -> dict:
+def recover_folder(model: Deidentifier, method_dir, passphrase: str, *, out=None, batch_size: int = 16,
+                   decryptor_passphrase: str | None = None) -> dict:
     """Recovers ``method_dir/deid`` (with its features, for feature-path models) into
     ``out`` (default ``method_dir/recovered``), with the passphrase and the folder's password.json.
+    ``decryptor_passphrase``: open the features with ``passphrase`` but give the ID-Decryptor the
+    password of this other one (the paper's wrong-password output, for demonstrations).
     Outputs that exist are skipped.  Returns {"done", "skipped", "failures", "out"} as deidentify_folder."""
     method_dir = Path(method_dir)
     key_params = passwords.KeyParams.load(method_dir)
-    password = passwords.password_vector(passphrase, key_params)
+    secret = passwords.derive(passphrase, key_params)
+    vector = secret.vector if decryptor_passphrase is None else passwords.password_vector(decryptor_passphrase,
+                                                                                           key_params)
     deid_dir = method_dir / "deid"
     if not deid_dir.is_dir():
         raise InputError(f"{deid_dir}: missing; recover reads the de-identified images of a method folder")
@@ -312,25 +317,33 @@ def recover_folder(model: Deidentifier, method_dir, passphrase: str, *, out=None
                 if model.recovers_from_image:
                     encrypted.append(image)
                 else:
-                    feats = method_dir / "features" / Path(name).with_suffix(".npy")
+                    feats = _features_file(method_dir, name)
                     if not feats.is_file():
                         raise ValueError(f"no encrypted features {feats} (this model recovers from features)")
-                    encrypted.append(np.load(feats))
-            except ValueError as e:
+                    encrypted.append(payload.unseal(secret.payload_key, name, feats.read_bytes(), str(feats)))
+            except (ValueError, payload.PayloadError) as e:
                 result["failures"][name] = str(e)
                 continue
             sizes.append(original)
             ok.append(name)
         if not ok:
             continue
-        recovered = model.recover(_pad(encrypted, batch_size), password)
+        recovered = model.recover(_pad(encrypted, batch_size), vector)
         for i, name in enumerate(ok):
             write_png(out / name, _resized(recovered[i], sizes[i]))
             result["done"].append(name)
+    if todo and not result["done"] and not model.recovers_from_image and all(
+            "does not open with this passphrase" in r for r in result["failures"].values()):
+        raise payload.PayloadError(f"{method_dir / 'features'}: no file opens with this passphrase: it is not "
+                                   "the one the folder was de-identified with (nothing was written)")
     if result["failures"]:
         result["failures_file"] = out / FAILURES_FILE
         _write_failures(result["failures_file"], result["failures"])
     return result
+
+
+def _features_file(method_dir: Path, name: str) -> Path:
+    return method_dir / "features" / Path(name).with_suffix(payload.SUFFIX)
 
 
 def _load_name_map(path) -> dict[str, str]:
@@ -364,6 +377,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--passphrase-file", help="read the passphrase from the first line of this file")
         p.add_argument("--passphrase", help=argparse.SUPPRESS)  # refused with a message that does not echo it
         p.add_argument("--batch", type=int, default=16)
+        if name == "recover":
+            p.add_argument("--decryptor-passphrase-env", help="open the features with the passphrase but run the "
+                           "ID-Decryptor with this variable's passphrase: the paper's wrong-password output (a demo)")
         if name == "deidentify":
             p.add_argument("--size", choices=SIZE_POLICIES, default="resize",
                            help="an image of another size than the model's: resize it (and the output back), or refuse it")
@@ -391,7 +407,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not model.recovers_from_image:
                 what += f" (with their encrypted features in {result['out'] / 'features'}, needed to recover them)"
         else:
-            result = recover_folder(model, args.inputs, passphrase, out=args.out, batch_size=args.batch)
+            other = None
+            if args.decryptor_passphrase_env:
+                other = passwords.read_passphrase(env=args.decryptor_passphrase_env)
+            result = recover_folder(model, args.inputs, passphrase, out=args.out, batch_size=args.batch,
+                                    decryptor_passphrase=other)
             what = f"recovered {len(result['done'])} images into {result['out']}"
         skipped = result.get("skipped", [])
         print(what + (f"; {len(skipped)} already done" if skipped else ""), flush=True)

@@ -15,7 +15,9 @@ flattened f] with the password vector P"):
 ``password_key``: ``sign_mask`` (default) also multiplies f_enc by a +-1 pattern drawn from P (a
 keyed sign pad, ``sign_mask``), which the decryptor multiplies back with the password it is given:
 with the right one its input is the encryptor's output, with a wrong one half its signs are
-flipped.  Why: with the password only concatenated, a decryptor that ignores it is a saddle the
+flipped.  The pad is on the stored payload only: X_enc is decoded from the encryptor's output
+itself (decoding the padded features, as an earlier version did, handed the decoder a
+sign-scrambled map and gave noise-textured blobs with no disease in them).  Why: with the password only concatenated, a decryptor that ignores it is a saddle the
 training does not leave (with random passwords every first-order gradient toward using it
 averages to zero; measured on MeMa-Synth: psnr_wrong within 0.4 dB of psnr_rec after training,
 in every ``password_mode``).  The pad makes the decryptor's input depend on the password by
@@ -290,12 +292,15 @@ class MedSemDeID(nn.Module):
             return f
         return f * sign_mask(password, f.shape[1:]).astype(f.dtype)
 
-    def encrypt(self, f, password):
-        return self._pad(self.encryptor(f, password), password)
-
     def deidentify(self, x, f_med, password):
-        f_enc = self.encrypt(self.features(x, f_med), password)
-        return self.decoder(f_enc), f_enc
+        """-> (X_enc, f_enc): X_enc is decoded from the ID-Encryptor's output itself; f_enc, what
+        is stored for recovery, is that output under the password's sign pad."""
+        f_encrypted = self.encryptor(self.features(x, f_med), password)
+        return self.decoder(f_encrypted), self._pad(f_encrypted, password)
+
+    def decode(self, f):
+        """The image decoder alone (the auxiliary autoencoder term, ``loss.lambda_ae``, decodes f)."""
+        return self.decoder(f)
 
     def recover(self, encrypted, password):
         """``encrypted``: f_enc (recover_from="features") or the de-identified image ("image")."""
@@ -313,17 +318,18 @@ class MedSemDeID(nn.Module):
         gradient per decoder layer instead of three)."""
         n = x.shape[0]
         f = self.features(x, f_med)
-        f_enc = self.encrypt(f, password)
+        f_encrypted = self.encryptor(f, password)
+        f_enc = self._pad(f_encrypted, password)
         passwords = jnp.concatenate([password, wrong_password])
         if self.config.recover_from == "image":
-            x_enc = self.decoder(f_enc)
+            x_enc = self.decoder(f_encrypted)
             encrypted = self.reencoder(quantize_8bit(x_enc))
             both = jnp.concatenate([encrypted, encrypted])
             recovered = self.decoder(self.decryptor(self._pad(both, passwords), passwords))
             return Outputs(f, f_enc, x_enc, recovered[:n], recovered[n:])
         both = jnp.concatenate([f_enc, f_enc])
         decrypted = self.decryptor(self._pad(both, passwords), passwords)
-        images = self.decoder(jnp.concatenate([f_enc, decrypted]))
+        images = self.decoder(jnp.concatenate([f_encrypted, decrypted]))
         return Outputs(f, f_enc, images[:n], images[n:2 * n], images[2 * n:])
 
 

@@ -78,14 +78,30 @@ class KeyParams:
             raise PasswordError(f"{path}: not JSON ({e})") from None
 
 
-def password_vector(passphrase: str, params: KeyParams) -> np.ndarray:
-    """(dim,) float32: scrypt(passphrase, salt) -> a seed -> a standard normal draw."""
+@dataclasses.dataclass(frozen=True)
+class Secrets:
+    """What a passphrase gives: the password vector of the networks and the key that seals the
+    stored features (``deid_jax.payload``)."""
+
+    vector: np.ndarray
+    payload_key: bytes
+
+
+def derive(passphrase: str, params: KeyParams) -> Secrets:
+    """One scrypt(passphrase, salt) of 64 bytes: the first 32 seed the password vector (a standard
+    normal draw; scrypt's output is a PBKDF2 stream, so they are the 32-byte derivation earlier
+    folders were made with), the last 32 are the AES-256 key of the stored features."""
     if not passphrase:
         raise PasswordError("the passphrase is empty")
-    seed = hashlib.scrypt(passphrase.encode("utf-8"), salt=params.salt, n=2**params.log2_n, r=params.r, p=params.p,
-                          dklen=32, maxmem=256 * 2**20)
-    rng = np.random.Generator(np.random.PCG64(int.from_bytes(seed, "little")))
-    return rng.standard_normal(params.dim).astype(np.float32)
+    stream = hashlib.scrypt(passphrase.encode("utf-8"), salt=params.salt, n=2**params.log2_n, r=params.r, p=params.p,
+                            dklen=64, maxmem=256 * 2**20)
+    rng = np.random.Generator(np.random.PCG64(int.from_bytes(stream[:32], "little")))
+    return Secrets(rng.standard_normal(params.dim).astype(np.float32), stream[32:])
+
+
+def password_vector(passphrase: str, params: KeyParams) -> np.ndarray:
+    """(dim,) float32: the password vector of ``derive``."""
+    return derive(passphrase, params).vector
 
 
 def random_passwords(rng, batch: int, dim: int = PASSWORD_DIM):

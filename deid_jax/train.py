@@ -140,6 +140,10 @@ def make_parts(config, med, identity) -> DeidParts:
             "rev": losses.rev_loss(x, out.x_hat),
         }
         total = terms["deid"] + terms["rev_id"] + terms["wrong"] + lw.lambda_rev * terms["rev"]
+        if lw.get("lambda_ae"):
+            x_ae = generator.apply({"params": params["generator"]}, out.f, method=MedSemDeID.decode)
+            terms["ae"] = losses.rev_loss(x, x_ae)
+            total = total + lw.lambda_ae * terms["ae"]
         if lw.lambda_sep:
             terms["sep"] = losses.separation_loss(x, out.x_hat, out.x_wrong, lw.sep_margin)
             total = total + lw.lambda_sep * terms["sep"]

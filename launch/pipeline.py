@@ -11,7 +11,9 @@ whose output exists is skipped, so a rerun does no training and rewrites nothing
   identity    the ArcFace of the identity losses (configs/identity.py:synth), exported as .pth
   deid        MedSem-DeID (configs/medsem_deid.py:synth) with the two models above
   deidentify  the validation split de-identified by the CLI into <runs>/method (deid/, features/)
-  recover     recovered with the passphrase (method/recovered/) and with a wrong one (method/wrong/)
+  recover     recovered with the passphrase (method/recovered/), and the ID-Decryptor's output for a
+              wrong password (method/wrong/: the features opened with the passphrase, decrypted with
+              another; the CLI refuses a wrong passphrase outright, its files are sealed)
   medclass    the eval bridge's Med-Class yardstick (a ResNet-18 trained on MeMa-Synth, PyTorch)
   report      the eval bridge's tables (python -m eval.report): ID-Dis with dlib at the recorded
               faces (evaluation only: no model of the training sees it), Med-Class on originals,
@@ -49,7 +51,8 @@ PRESETS = {
                                                       "--config.sample.every=0")),
               "identity": ("configs/identity.py:synth", ("--config.total_steps=100",)),
               # 300 steps at batch 8 leave recovery weak at the paper's lambda_rev = 0.1 (14.5 dB measured);
-              # lambda_rev = 1 (a value of Fig. 8's sweep) and lr 1e-3 gave 15.8 dB in the same time.
+              # lambda_rev = 1 (a value of Fig. 8's sweep) and lr 1e-3 gave 15.8 dB in the same time; with X_enc
+              # decoded before the sign pad and :synth's lambda_ae = 1, 19.4 dB (eval) / 19.5 dB (the CLI's, Tab. 8).
               "deid": ("configs/medsem_deid.py:synth", ("--config.total_steps=300", "--config.batch_size=8",
                                                          "--config.optim.lr=1e-3", "--config.loss.lambda_rev=1.0",
                                                          "--config.eval_every=150", "--config.checkpoint_every=150")),
@@ -92,7 +95,8 @@ def plan(preset: str, runs: Path, data: str = "") -> list[Stage]:
         Stage("recover", python("deid_jax.deidentify", "recover", f"--model={deid_model}", f"--in={method}",
                                 f"--passphrase-env={PASSPHRASE_ENV}"), method / "recovered"),
         Stage("recover", python("deid_jax.deidentify", "recover", f"--model={deid_model}", f"--in={method}",
-                                f"--out={method / 'wrong'}", "--passphrase-env=MEMA_WRONG_PASSPHRASE"), method / "wrong"),
+                                f"--out={method / 'wrong'}", f"--passphrase-env={PASSPHRASE_ENV}",
+                                "--decryptor-passphrase-env=MEMA_WRONG_PASSPHRASE"), method / "wrong"),
         Stage("medclass", python("eval.medical.classification", "train", f"--data={data}", "--backbone=resnet18",
                                  f"--out={runs / 'medclass'}", *p["medclass"]), runs / "medclass" / "classifier"),
         Stage("report", python("eval.report", f"--config=configs/eval_mema.py:medsem_deid={method}",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from deid_jax import losses, passwords
+from deid_jax import losses, passwords, payload
 from deid_jax import medical_encoder as med_lib
 from deid_jax.model import DeidConfig, MedSemDeID, quantize_8bit, sign_mask
 
@@ -73,6 +73,8 @@ def test_password_changes_the_encryption_and_no_f_med_model_ignores_f_med(mode, 
     x_enc, f_enc = model.apply(v, x, None, p1, method=MedSemDeID.deidentify)
     assert_same(a.x_enc, x_enc)
     assert_same(a.f_enc, f_enc)
+    # X_enc is decoded from the encryptor's output itself; what is stored, f_enc, is that under the pad.
+    assert_same(x_enc, model.apply(v, f_enc * sign_mask(p1, f_enc.shape[1:]), method=MedSemDeID.decode))
     encrypted = x_enc if recover_from == "image" else f_enc
     assert_same(a.x_wrong, model.apply(v, encrypted, p2, method=MedSemDeID.recover))
     assert_same(a.x_hat, model.apply(v, encrypted, p1, method=MedSemDeID.recover))
@@ -147,6 +149,31 @@ def test_the_same_passphrase_gives_the_same_vector_in_a_new_process_and_nothing_
         passwords.password_vector("", params)
 
 
+def test_a_passphrase_gives_the_vector_of_the_32_byte_derivation_and_a_separate_sealing_key():
+    params = passwords.KeyParams(salt=bytes(range(16)), log2_n=12)
+    secret = passwords.derive("correct horse battery", params)
+    seed = hashlib.scrypt(b"correct horse battery", salt=params.salt, n=2**12, r=8, p=1, dklen=32)
+    want = np.random.Generator(np.random.PCG64(int.from_bytes(seed, "little"))).standard_normal(512)
+    np.testing.assert_array_equal(secret.vector, want.astype(np.float32))  # older folders still recover
+    assert len(secret.payload_key) == 32 and secret.payload_key != seed
+    assert passwords.derive("correct horse batterY", params).payload_key != secret.payload_key
+
+
+def test_sealed_features_open_only_with_their_key_and_image_name_and_hide_the_values():
+    key, other_key = bytes(32), bytes([7] * 32)
+    f_enc = np.random.default_rng(0).standard_normal((4, 4, 8)).astype(np.float32)
+    blob = payload.seal(key, "images/a.png", f_enc)
+    np.testing.assert_array_equal(payload.unseal(key, "images/a.png", blob, "a.sealed"), f_enc)
+    assert f_enc.tobytes() not in blob and f_enc[0, 0].tobytes() not in blob
+    assert payload.seal(key, "images/a.png", f_enc) != blob  # a fresh nonce each time
+    tampered = blob[:-30] + bytes([blob[-30] ^ 1]) + blob[-29:]
+    for k, name, b in ((other_key, "images/a.png", blob), (key, "images/b.png", blob), (key, "images/a.png", tampered)):
+        with pytest.raises(payload.PayloadError, match=r"^a\.sealed: does not open with this passphrase"):
+            payload.unseal(k, name, b, "a.sealed")
+    with pytest.raises(payload.PayloadError, match=r"^a\.npy: not a sealed features file"):
+        payload.unseal(key, "images/a.png", b"\x93NUMPY" + bytes(100), "a.npy")
+
+
 def test_passphrase_sources_never_take_it_from_the_command_line(tmp_path, monkeypatch):
     monkeypatch.setenv("MEMA_PASSPHRASE", "from the environment")
     assert passwords.read_passphrase(env="MEMA_PASSPHRASE") == "from the environment"
@@ -183,6 +210,7 @@ def test_discriminator_step_leaves_the_generator_alone_and_frozen_parts_get_no_u
     config = get_config("tiny")
     config.medical_encoder.source = str(tiny_diffusion_model)
     config.optim.lr = 0.0  # the generator's optimizer does nothing: any change would come from D's step
+    config.loss.lambda_ae = 1.0  # every term of the objective, the autoencoder term of :synth too
     mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
     med = train.load_medical_encoder(config, mesh, shd.DEFAULT_RULES)
     identity = load_iresnet(tiny_identity_backbone)
@@ -209,4 +237,4 @@ def test_discriminator_step_leaves_the_generator_alone_and_frozen_parts_get_no_u
     assert float(metrics["generator/grad_norm"]) > 0  # the generator did get gradients: lr 0 held it
     for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(frozen_before)):
         np.testing.assert_array_equal(np.asarray(a), b)
-    assert {"deid", "rev_id", "wrong", "rev", "med", "gan"} <= {k.split("/")[1] for k in metrics}
+    assert {"deid", "rev_id", "wrong", "rev", "med", "gan", "ae", "sep"} <= {k.split("/")[1] for k in metrics}
