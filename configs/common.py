@@ -25,6 +25,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 50
     c.eval_at_start = False  # True: evaluate the starting state too (logged as step 0)
     c.profile_steps = 0  # > 0: capture a profile of that many steps (clu periodic action)
+    # TensorBoard event files (clu's writer; it imports TensorFlow, 6-7 s of CPU per start).  Off:
+    # metrics.csv and the console line only (mema_jax/core/metrics.py).
+    c.tensorboard = True
     return c
 
 
@@ -73,7 +76,9 @@ TINY_DATA_ROOT = "data/mema_synth_32_tiny"
 def make_tiny(c: ml_collections.ConfigDict, *, total_steps: int = 24, eval_every: int = 0,
               checkpoint_every: int = 4, log_every: int = 4, warmup_steps: int | None = 4) -> None:
     """The ``:tiny`` variant's shared part, for tests (seconds): MeMa-Synth at 32 px (160 faces),
-    batch 8, a short schedule with frequent checkpoints."""
+    batch 8, a short schedule with frequent checkpoints, and no TensorBoard: the suite starts ~100 such
+    runs, and TensorFlow's import would be a tenth of its CPU time (tests that check the TensorBoard
+    files turn it back on)."""
     c.data.root = TINY_DATA_ROOT
     if "image_size" in c.data:
         c.data.image_size = 32
@@ -83,6 +88,7 @@ def make_tiny(c: ml_collections.ConfigDict, *, total_steps: int = 24, eval_every
     c.eval_every = eval_every
     c.checkpoint_every = checkpoint_every
     c.log_every = log_every
+    c.tensorboard = False
     if warmup_steps is not None:
         c.optim.warmup_steps = warmup_steps
 

@@ -186,10 +186,12 @@ def run(
                                          keep=config.keep_checkpoints, async_save=config.async_checkpoints)
     state = restore_or_init(checkpointer, state_spec, data_iter, workdir)
     start = int(state.step)
-    writer = metrics_lib.make_writer(workdir, total, console_keys=tuple(console_keys))
+    tensorboard = config.get("tensorboard", True)
+    writer = metrics_lib.make_writer(workdir, total, console_keys=tuple(console_keys), tensorboard=tensorboard)
     if start == 0:
         writer.write_hparams(flat_hparams(config))
-    actions = metrics_lib.make_periodic_actions(workdir, total, writer, profile_steps=config.profile_steps)
+    actions = metrics_lib.make_periodic_actions(workdir, total, writer, profile_steps=config.profile_steps,
+                                                tensorboard=tensorboard)
 
     def due(every: int, step: int) -> bool:
         return bool(every) and (step % every == 0 or step == total)

@@ -1,8 +1,12 @@
 """Metric writers and periodic actions (clu): TensorBoard, a CSV table, and a console line.
 
-``make_writer`` returns one clu ``MetricWriter`` that writes TensorBoard event files (clu's default
-writer), appends scalars to ``<workdir>/metrics.csv``, and prints a console line with steps/s and
-ETA.  Only process 0 writes files; other processes only log.
+``make_writer`` returns one writer (clu's ``MetricWriter`` interface) that writes TensorBoard event
+files (clu's default writer), appends scalars to ``<workdir>/metrics.csv``, and prints a console
+line with steps/s and ETA.  Only process 0 writes files; other processes only log.
+
+clu's writers import TensorFlow (6-7 s of CPU at every start, measured on 2 cores), so clu is
+imported only when TensorBoard is asked for (``config.tensorboard``, on by default; the tests'
+``:tiny`` runs turn it off): without it a run writes metrics.csv and the console line alone.
 """
 from __future__ import annotations
 
@@ -16,12 +20,11 @@ from typing import Any
 
 import jax
 import numpy as np
-from clu import metric_writers, periodic_actions
-from clu.metric_writers import interface
 
 
-class _ScalarWriter(interface.MetricWriter):
-    """A writer that keeps scalars only; other summary kinds go to TensorBoard alone."""
+class _ScalarWriter:
+    """A writer of clu's ``MetricWriter`` interface (duck-typed, so that defining it imports no
+    TensorFlow) that keeps scalars only; other summary kinds go to TensorBoard alone."""
 
     def write_summaries(self, step, values, metadata=None):
         pass
@@ -114,18 +117,55 @@ def _fmt_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def make_writer(workdir, total_steps: int, console_keys=("loss",)) -> metric_writers.MetricWriter:
+class _Writers(_ScalarWriter):
+    """Every call to each of ``writers`` (clu's MultiWriter, for runs that do not load clu)."""
+
+    def __init__(self, writers):
+        self.writers = list(writers)
+
+    def write_scalars(self, step, scalars):
+        for w in self.writers:
+            w.write_scalars(step, scalars)
+
+    def write_hparams(self, hparams):
+        for w in self.writers:
+            w.write_hparams(hparams)
+
+    def flush(self):
+        for w in self.writers:
+            w.flush()
+
+    def close(self):
+        for w in self.writers:
+            w.close()
+
+
+def make_writer(workdir, total_steps: int, console_keys=("loss",), tensorboard: bool = True):
+    """The run's writer: TensorBoard (when ``tensorboard``), metrics.csv and the console line."""
+    if not tensorboard:
+        if jax.process_index() != 0:
+            return _Writers([])
+        os.makedirs(workdir, exist_ok=True)
+        return _Writers([CsvWriter(os.path.join(workdir, "metrics.csv")), ConsoleWriter(total_steps, console_keys)])
+    from clu import metric_writers  # TensorFlow
+
     if jax.process_index() != 0:
         return metric_writers.create_default_writer(None, just_logging=True)
     os.makedirs(workdir, exist_ok=True)
-    tensorboard = metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"), asynchronous=True)
+    tensorboard_writer = metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"), asynchronous=True)
     return metric_writers.MultiWriter(
-        [tensorboard, CsvWriter(os.path.join(workdir, "metrics.csv")), ConsoleWriter(total_steps, console_keys)]
+        [tensorboard_writer, CsvWriter(os.path.join(workdir, "metrics.csv")), ConsoleWriter(total_steps, console_keys)]
     )
 
 
-def make_periodic_actions(workdir, total_steps: int, writer, *, profile_steps: int = 0, first_profile: int = 10):
-    """clu periodic actions: progress (steps/s to the writer), and a profile when asked for."""
+def make_periodic_actions(workdir, total_steps: int, writer, *, profile_steps: int = 0, first_profile: int = 10,
+                          tensorboard: bool = True):
+    """clu periodic actions: progress (steps/s and uptime to the writer; with TensorBoard, which
+    loads clu anyway), and a profile when asked for."""
+    if not tensorboard and not profile_steps:
+        return []  # the console line shows steps/s
+    from clu import periodic_actions  # TensorFlow
+
     actions = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_secs=30.0)]
     if profile_steps > 0 and jax.process_index() == 0:
         actions.append(periodic_actions.Profile(logdir=os.path.join(workdir, "profile"), num_profile_steps=profile_steps,
