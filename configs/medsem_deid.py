@@ -55,12 +55,13 @@ Choices the paper leaves open (its architecture details are in a supplement we d
     noise pattern and the empty prompt; synth: the first two down blocks (32 x H/4) at t = 50;
   * faces for ArcFace are aligned from the dataset's five points (faces.csv) with a
     differentiable warp; ``identity.crop="whole"`` resizes the whole image instead.
-Measured (2-core CPU, :synth model, MeMa-Synth 64 px, eval on 4 val batches with fixed passwords):
-  the quickstart's schedule (300 steps, batch 8, lr 1e-3, lambda_rev 1; launch/pipeline.py): 304 s at
-  1.1 steps/s alone; psnr_rec 14.9 / 15.8 dB and psnr_wrong 10.5 / 9.6 dB at steps 150 / 300 (the
-  paper's lambda_rev 0.1 and lr 5e-4: 13.2 / 14.5 dB and 8.9 / 8.2 dB); at 300 steps the ArcFace
-  cosine of X_hat to X is still ~0.03: recovery keeps colours and layout, not yet identity.
-  The full :synth schedule (1500 steps, batch 16: 2.4 s/step measured with another job on the cores)
+Measured (2-core CPU, :synth model, MeMa-Synth 64 px):
+  the quickstart's schedule (300 steps, batch 8, lr 1e-3, lambda_rev 1; launch/pipeline.py), a fresh
+  clone alone on the cores (2026-12-06): 717 s; trainer eval (4 val batches, fixed passwords)
+  psnr_rec 20.5 / 22.2 dB at steps 150 / 300; the eval bridge on the 320 val images: recovery
+  22.1 dB, Med-Class 19.1% (X_enc) and 22.2% (X_hat) against 83.1% on the originals, dlib
+  face-matching 1.0% (chance 0.9%).  Before the X_enc fix, lambda_ae and the 16 x 16 grid the same
+  schedule gave 14.6 dB with Med-Class at chance.  The full :synth schedule (1500 steps, batch 16)
   was not run to the end here.
 """
 import ml_collections
