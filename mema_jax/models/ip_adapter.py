@@ -142,16 +142,17 @@ def read_adapter_file(path) -> dict[str, np.ndarray]:
     path = os.fspath(path)
     if path.endswith(".safetensors"):
         return weights.read_state_dict(path)
-    import torch  # the .bin release files are torch pickles of nested dicts
+    from mema_jax.models import pth  # the .bin release files are torch zip pickles of nested dicts
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - reported by name
+        obj = pth.read_pth(path)
+    except (pth.PthFormatError, OSError) as e:
         raise weights.WeightsError(f"{path}: not a readable IP-Adapter file ({type(e).__name__}: {e})") from e
     if not isinstance(obj, dict) or not {"image_proj", "ip_adapter"} <= set(obj):
         raise weights.WeightsError(f"{path}: an IP-Adapter .bin holds the dicts 'image_proj' and 'ip_adapter'; "
                                    f"this one has {sorted(obj) if isinstance(obj, dict) else type(obj).__name__}")
-    return {f"{group}.{k}": v.float().numpy() for group in ("image_proj", "ip_adapter") for k, v in obj[group].items()}
+    return {f"{group}.{k}": np.asarray(v, np.float32) for group in ("image_proj", "ip_adapter")
+            for k, v in obj[group].items()}
 
 
 def load_adapter(path, unet: UNet2DConditionModel, *, mesh=None, rules=None):

@@ -1,4 +1,4 @@
-"""Writing PyTorch ``.pth`` state dicts without torch.
+"""Reading and writing PyTorch ``.pth`` state dicts without torch.
 
 A ``.pth`` is what ``torch.save(state_dict, path)`` writes: an uncompressed zip archive holding
 ``data.pkl`` (a protocol-2 pickle of ``{name: torch._utils._rebuild_tensor_v2(storage, offset,
@@ -7,10 +7,18 @@ little-endian file per storage under ``data/``, and small ``version`` / ``byteor
 The pickle is emitted opcode by opcode here, so no torch import is needed (JAX code never imports
 torch at run time); ``torch.load(path, weights_only=True)`` reads it, as the tests check.
 Each record's bytes start at a multiple of 64, as torch aligns them (so ``mmap=True`` works too).
+
+``read_pth`` is the inverse for any file in that zip format (torch >= 1.6's default, so every
+arcface_torch ``backbone.pth`` and ``pytorch_model.bin``): a restricted unpickler that, like
+``torch.load(weights_only=True)``, builds nothing but dicts, tuples, lists, scalars and tensors, and
+refuses any other class by name -- a weight file cannot run code.  So the JAX side reads ``.pth``
+weights on the core install, and a training child does not pay torch's import for one file.
 """
 from __future__ import annotations
 
+import collections
 import os
+import pickle
 import struct
 import zipfile
 from collections.abc import Mapping
@@ -102,3 +110,112 @@ def write_pth(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> Non
             for _, key, array in entries:
                 _write_aligned(archive, f"{ARCHIVE}/data/{key}", array.tobytes())
             _write_aligned(archive, f"{ARCHIVE}/version", b"3\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading.
+
+
+class PthFormatError(ValueError):
+    """A file is not a torch zip-format state dict this reader can build (the message says why)."""
+
+
+def _storage_dtypes() -> dict[str, np.dtype]:
+    import ml_dtypes
+
+    dtypes = {name: dtype for dtype, name in STORAGE_CLASSES.items()}
+    dtypes["BFloat16Storage"] = np.dtype(ml_dtypes.bfloat16)
+    return dtypes
+
+
+class _StorageClass:
+    """Stands for ``torch.<X>Storage`` inside the pickle: only its element dtype matters here."""
+
+    def __init__(self, name: str, dtype: np.dtype):
+        self.name, self.dtype = name, dtype
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
+                       metadata=None):
+    size, stride = tuple(int(d) for d in size), tuple(int(s) for s in stride)
+    last = storage_offset + sum((d - 1) * s for d, s in zip(size, stride))  # the last element read
+    if all(d > 0 for d in size) and not 0 <= last < storage.size:
+        raise PthFormatError(f"a tensor of size {size} and stride {stride} at offset {storage_offset} "
+                             f"reads past its storage of {storage.size} elements")
+    itemsize = storage.dtype.itemsize
+    view = np.lib.stride_tricks.as_strided(storage[storage_offset:], shape=size,
+                                           strides=tuple(s * itemsize for s in stride), writeable=False)
+    return np.array(view, copy=True, order="C")  # C-contiguous, owning its memory, the archive can close
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *metadata):
+    return data
+
+
+# (module, name) -> what the restricted unpickler gives for it; anything else is refused.
+def _allowed_globals() -> dict[tuple[str, str], object]:
+    allowed: dict[tuple[str, str], object] = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    }
+    for name, dtype in _storage_dtypes().items():
+        allowed[("torch", name)] = _StorageClass(name, dtype)
+    return allowed
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, byteorder: str):
+        super().__init__(file)
+        self._archive, self._prefix, self._byteorder = archive, prefix, byteorder
+        self._allowed = _allowed_globals()
+        self._storages: dict[str, np.ndarray] = {}
+
+    def find_class(self, module, name):
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise PthFormatError(f"it needs {module}.{name}, which a weights-only load does not build "
+                                 "(only dicts, tensors and plain values)") from None
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageClass)):
+            raise PthFormatError(f"unknown persistent id {pid!r:.80}")
+        _, storage_class, key, _location, numel = pid
+        if key not in self._storages:
+            record = f"{self._prefix}data/{key}"
+            try:
+                data = self._archive.read(record)
+            except KeyError:
+                raise PthFormatError(f"its pickle names storage {key}, but {record} is not in the archive") from None
+            dtype = storage_class.dtype.newbyteorder("<" if self._byteorder == "little" else ">")
+            if len(data) != numel * dtype.itemsize:
+                raise PthFormatError(f"{record} holds {len(data)} bytes, not {numel} x {dtype.itemsize}")
+            self._storages[key] = np.frombuffer(data, dtype=dtype).astype(storage_class.dtype, copy=False)
+        return self._storages[key]
+
+
+def read_pth(path: str | os.PathLike) -> object:
+    """What ``torch.load(path, weights_only=True)`` returns for a zip-format ``.pth`` / ``.bin`` /
+    ``.ckpt``, with numpy arrays for tensors.  PthFormatError names the problem (a legacy
+    pre-1.6 pickle, a class a weights-only load refuses, a truncated record)."""
+    path = os.fspath(path)
+    if not zipfile.is_zipfile(path):
+        raise PthFormatError("not a zip archive: a legacy (torch < 1.6) pickle or not a torch file at all")
+    with zipfile.ZipFile(path) as archive:
+        pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
+        if len(pickles) != 1:
+            raise PthFormatError(f"expected one <folder>/data.pkl in the archive, found {pickles}")
+        prefix = pickles[0][: -len("data.pkl")]
+        try:
+            byteorder = archive.read(prefix + "byteorder").decode().strip()
+        except KeyError:
+            byteorder = "little"  # files older than the record are little-endian
+        with archive.open(pickles[0]) as f:
+            try:
+                return _Unpickler(f, archive, prefix, byteorder).load()
+            except PthFormatError:
+                raise
+            except Exception as err:  # a corrupt pickle raises many types
+                raise PthFormatError(f"cannot unpickle {pickles[0]}: {type(err).__name__}: {err}") from err

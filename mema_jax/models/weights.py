@@ -7,8 +7,9 @@ conv1/kernel"), the PyTorch key ("down_blocks.0.resnets.0.conv1.weight") and the
 between the two layouts.  ``load_into`` and ``export_state_dict`` are inverse walks over that
 list; every parameter must be matched, so a wrong file can never fall back to random weights.
 
-No torch at import time: safetensors are read through safetensors' numpy API (bf16 arrives as
-``ml_dtypes.bfloat16``); torch is imported only to read ``.bin``/``.pt``/``.ckpt`` pickles.
+No torch: safetensors are read through safetensors' numpy API (bf16 arrives as
+``ml_dtypes.bfloat16``), ``.bin``/``.pt``/``.pth``/``.ckpt`` through ``mema_jax.models.pth``'s
+weights-only reader of torch's zip format; only a legacy (torch < 1.6) pickle imports torch.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import dataclasses
 import json
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -177,20 +179,33 @@ def _read_index(index_path: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _torch_to_numpy(t) -> np.ndarray:
-    import torch
-
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.contiguous().numpy()
-
-
 def _read_torch_pickle(path: str) -> dict[str, np.ndarray]:
-    import torch  # only here: .bin/.ckpt files are torch pickles
+    """A torch state dict file, read without torch (``mema_jax.models.pth.read_pth``: the zip format
+    every torch >= 1.6 writes, weights-only).  Only a legacy pre-1.6 pickle needs torch, when it is
+    installed."""
+    from mema_jax.models import pth
 
+    try:
+        obj = pth.read_pth(path)
+    except pth.PthFormatError as err:
+        if zipfile.is_zipfile(path):
+            raise WeightsError(f"{path}: cannot load as a torch weights file with weights_only=True ({err}); "
+                               "convert it to .safetensors") from err
+        obj = _read_legacy_torch_pickle(path, err)
+    # Lightning-style checkpoints (.ckpt) wrap the weights in "state_dict".
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"{path}: expected a state dict (mapping of names to tensors), got {type(obj).__name__}")
+    return {str(k): v for k, v in obj.items() if isinstance(v, np.ndarray)}
+
+
+def _read_legacy_torch_pickle(path: str, zip_error: Exception):
+    try:
+        import torch
+    except ImportError:
+        raise WeightsError(f"{path}: {zip_error}; reading it needs torch (pip install torch), or convert it "
+                           "to .safetensors") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a bad or unsafe pickle
@@ -198,12 +213,23 @@ def _read_torch_pickle(path: str) -> dict[str, np.ndarray]:
             f"{path}: cannot load as a torch weights file with weights_only=True ({err}); "
             "convert it to .safetensors"
         ) from err
-    # Lightning-style checkpoints (.ckpt) wrap the weights in "state_dict".
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
-        raise WeightsError(f"{path}: expected a state dict (mapping of names to tensors), got {type(obj).__name__}")
-    return {str(k): _torch_to_numpy(v) for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        return obj
+    out = {}
+    for key, value in obj.items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().contiguous()
+            out[key] = (value.view(torch.int16).numpy().view(_bfloat16()) if value.dtype == torch.bfloat16
+                        else value.numpy())
+    return out
+
+
+def _bfloat16():
+    import ml_dtypes
+
+    return ml_dtypes.bfloat16
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None):
