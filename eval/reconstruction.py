@@ -16,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
-from torchmetrics.functional.image import peak_signal_noise_ratio
+
+# torchvision and torchmetrics are imported where used: 6 s of imports that a PSNR-only or
+# identity-only process (every report subprocess imports this module) never needs.
 
 BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
-_TORCHVISION_BUILDERS = {"alex": torchvision.models.alexnet, "vgg": torchvision.models.vgg16}
+_TORCHVISION_BUILDERS = {"alex": "alexnet", "vgg": "vgg16"}
 
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -35,6 +36,8 @@ def psnr(original: np.ndarray, other: np.ndarray) -> float:
     """PSNR in dB of one uint8 HxWx3 image against its original (data range 255)."""
     if original.shape != other.shape:
         raise ValueError(f"PSNR needs equal shapes, got {original.shape} and {other.shape}")
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
     value = peak_signal_noise_ratio(_to_tensor(other), _to_tensor(original), data_range=255.0,
                                     reduction="none", dim=(1, 2, 3))
     return float(value.item())
@@ -48,7 +51,9 @@ def _backbone_state(weights, net: str) -> dict[str, torch.Tensor]:
             f"(https://download.pytorch.org/models/{BACKBONE_FILES[net]}, or copy it from a torch hub cache "
             f"~/.cache/torch/hub/checkpoints/)")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    reference = _TORCHVISION_BUILDERS[net](weights=None).state_dict()
+    import torchvision
+
+    reference = getattr(torchvision.models, _TORCHVISION_BUILDERS[net])(weights=None).state_dict()
     missing = sorted(set(reference) - set(state))
     if missing:
         raise ValueError(f"{path}: not a torchvision {net} state dict ({BACKBONE_FILES[net]}); "

@@ -151,7 +151,7 @@ def write_image_encoder(out: Path, image_size: int = 64, seed: int = 0) -> Path:
     module = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                                             num_attention_heads=4, image_size=image_size, patch_size=8,
                                                             projection_dim=64))
-    boxed = module.init(jax.random.key(seed), jnp.zeros((1, image_size, image_size, 3)))["params"]
+    boxed = jax.jit(module.init)(jax.random.key(seed), jnp.zeros((1, image_size, image_size, 3)))["params"]
     params = jax.tree.map(lambda b: b.value, boxed, is_leaf=lambda x: hasattr(x, "names"))
     with atomic_folder(out) as tmp:
         save_clip_vision(tmp, module, params)

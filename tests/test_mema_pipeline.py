@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, child_xla_flags
 
 from mema_jax.data import layout
 
@@ -19,8 +19,7 @@ pytestmark = pytest.mark.slow
 
 
 def mema_pipeline(runs, data_dir):
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    env = dict(os.environ, XLA_FLAGS=child_xla_flags(fast_compile=True))  # tiny stages: mostly compilation
     result = subprocess.run([sys.executable, "-m", "launch.mema_pipeline", "--preset=tiny", f"--runs={runs}",
                              f"--data-dir={data_dir}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=2400)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

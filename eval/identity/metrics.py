@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.spatial.distance import cdist
-from sklearn.model_selection import KFold
 
 from eval.identity.base import face_found
 
@@ -165,6 +164,8 @@ def verification_accuracy(distances: np.ndarray, same: np.ndarray, *, n_folds: i
     distances, same = distances[valid], same[valid]
     if len(distances) < n_folds:
         raise ValueError(f"{len(distances)} pairs with faces on both sides; need at least {n_folds} for {n_folds} folds")
+    from sklearn.model_selection import KFold  # here: 2 s of import that id_distance alone never needs
+
     folds = KFold(n_splits=n_folds, shuffle=shuffle, random_state=seed if shuffle else None)
     accuracies, thresholds = [], []
     for train, test in folds.split(distances):
