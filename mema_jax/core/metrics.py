@@ -142,20 +142,20 @@ class _Writers(_ScalarWriter):
 
 def make_writer(workdir, total_steps: int, console_keys=("loss",), tensorboard: bool = True):
     """The run's writer: TensorBoard (when ``tensorboard``), metrics.csv and the console line."""
-    if not tensorboard:
-        if jax.process_index() != 0:
-            return _Writers([])
-        os.makedirs(workdir, exist_ok=True)
-        return _Writers([CsvWriter(os.path.join(workdir, "metrics.csv")), ConsoleWriter(total_steps, console_keys)])
-    from clu import metric_writers  # TensorFlow
-
     if jax.process_index() != 0:
+        if not tensorboard:
+            return _Writers([])
+        from clu import metric_writers  # TensorFlow
+
         return metric_writers.create_default_writer(None, just_logging=True)
     os.makedirs(workdir, exist_ok=True)
-    tensorboard_writer = metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"), asynchronous=True)
-    return metric_writers.MultiWriter(
-        [tensorboard_writer, CsvWriter(os.path.join(workdir, "metrics.csv")), ConsoleWriter(total_steps, console_keys)]
-    )
+    own = [CsvWriter(os.path.join(workdir, "metrics.csv")), ConsoleWriter(total_steps, console_keys)]
+    if not tensorboard:
+        return _Writers(own)
+    from clu import metric_writers  # TensorFlow
+
+    events = metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"), asynchronous=True)
+    return metric_writers.MultiWriter([events, *own])
 
 
 def make_periodic_actions(workdir, total_steps: int, writer, *, profile_steps: int = 0, first_profile: int = 10,
