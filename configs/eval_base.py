@@ -14,7 +14,10 @@ Entries:
   gaze.weights                 L2CSNet_gaze360.pkl ('' = gaze left out)
   identity.models.<name>       weights ('' = left out, except dlib whose files ship), match_threshold (None = rank-1)
   identity.gallery             folder of <identity>/ photos for Tab. 6 ('' = leave-one-out over the originals)
-  identity.pairs               file_x,file_y,Decision csv for the verification check ('' = left out)
+  identity.pairs               file_x,file_y,Decision csv for the verification check ('' = left out), or
+                               'originals': same/different pairs of the originals' own people (identity column)
+  identity.faces               'detect' (each model's detector) or 'recorded' (the originals' faces.csv: a MeMa
+                               root; every face is embedded, where a detector finds only some small faces)
   leakage.rows.<row>           generated (folder of generated images or MeMa root) or method (name of a method of
                                this report: its deid/ images, features reused), one of the two (Tab. 1)
   leakage.gallery              the real patients: folder of <identity>/ photos or MeMa root with identities (Tab. 1);
@@ -60,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.identity = ml_collections.ConfigDict({
         "models": ml_collections.ConfigDict(),
         "detector": "auto",
+        "faces": "detect",
         "faces_from_originals": True,
         "gallery": "",
         "pairs": "",

@@ -54,6 +54,31 @@ def read_pairs_csv(path: str | Path, image_root: str | Path | None = None) -> li
     return pairs
 
 
+def identity_pairs(identities: Sequence[str], *, per_kind: int = 480, seed: int = 0):
+    """Same-person and different-person pairs of images labelled with ``identities`` ('' = unknown,
+    left out): up to ``per_kind`` same-person pairs drawn with ``seed``, then as many
+    different-person pairs.  Returns ``(pairs (N, 2) indices, same (N,) bool)``, same pairs first;
+    ValueError with fewer than two people or no person with two images."""
+    import itertools
+
+    by_id: dict[str, list[int]] = {}
+    for i, identity in enumerate(identities):
+        if identity:
+            by_id.setdefault(identity, []).append(i)
+    same = [(a, b) for rows in by_id.values() for a, b in itertools.combinations(rows, 2)]
+    people = sorted(by_id)
+    if not same or len(people) < 2:
+        raise ValueError("too few identities with two images to make same/different pairs")
+    rng = np.random.default_rng(seed)
+    same = [same[i] for i in rng.permutation(len(same))[:per_kind]]
+    different = []
+    while len(different) < len(same):
+        a, b = rng.choice(len(people), 2, replace=False)
+        different.append((by_id[people[a]][int(rng.integers(len(by_id[people[a]])))],
+                          by_id[people[b]][int(rng.integers(len(by_id[people[b]])))]))
+    return np.asarray(same + different), np.r_[np.ones(len(same), bool), np.zeros(len(different), bool)]
+
+
 def read_lfw_pairs(pairs_txt: str | Path, lfw_root: str | Path) -> list[FacePair]:
     """LFW's ``pairs.txt``: a header line, then ``name i j`` (same person) or ``name i other j``
     (different), images at ``<lfw_root>/<name>/<name>_<i:04d>.jpg``."""

@@ -3,7 +3,6 @@ file, or pairs of a held-out split of the real folder)."""
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -109,25 +108,14 @@ def split_pair_thresholds(models: Mapping[str, IdentityModel], images: ImageSet,
     embedded as the gallery is (their recorded faces with ``--faces real-mean``)."""
     from eval.identity.metrics import id_distance, verification_accuracy
 
-    ids = images.identities
-    by_id: dict[str, list[int]] = {}
-    for i, identity in enumerate(ids):
-        if identity:
-            by_id.setdefault(identity, []).append(i)
-    same = [(a, b) for rows in by_id.values() for a, b in itertools.combinations(rows, 2)]
-    people = sorted(by_id)
-    if not same or len(people) < 2:
+    from eval.identity.evaluate import identity_pairs
+
+    try:
+        pairs, label = identity_pairs(images.identities, per_kind=per_kind, seed=seed)
+    except ValueError:
         raise LeakageFilterError(f"--pairs {REAL_PAIRS}{images.split}: {images.root / layout.LABELS_FILE} has too few "
-                                 "identities with two images in that split to make pairs")
-    rng = np.random.default_rng(seed)
-    same = [same[i] for i in rng.permutation(len(same))[:per_kind]]
-    different = []
-    while len(different) < len(same):
-        a, b = rng.choice(len(people), 2, replace=False)
-        different.append((by_id[people[a]][int(rng.integers(len(by_id[people[a]])))],
-                          by_id[people[b]][int(rng.integers(len(by_id[people[b]])))]))
-    pairs = np.asarray(same + different)
-    label = np.r_[np.ones(len(same), bool), np.zeros(len(different), bool)]
+                                 "identities with two images in that split to make pairs") from None
+    people = sorted({i for i in images.identities if i})
     features = embed_set(models, images, "recorded" if faces == "real-mean" else "detect", cache)
     out = {}
     for name, feats in features.items():

@@ -20,7 +20,8 @@ import numpy as np
 from absl import logging
 
 from eval import inputs, reference_methods
-from eval.identity.evaluate import read_pairs_csv, verify_pairs
+from eval.identity.evaluate import PairVerification, identity_pairs, read_pairs_csv, verify_pairs
+from eval.identity.faces import recorded_faces
 from eval.inputs import ImagePair, InputMismatchError, Originals
 from eval.report import scoring
 from eval.report.tools import Notes, Tools, load_tools
@@ -159,9 +160,15 @@ def _identity_folder(folder: str, entry: str) -> Originals:
     return gallery
 
 
+# config.identity.pairs = "originals": same/different pairs of the originals' own people (their
+# identity column), drawn once with seed 0, embedded as the originals already are.
+ORIGINAL_PAIRS = "originals"
+FACE_SOURCES = ("detect", "recorded")
+
+
 def _read_pairs(config) -> list:
     """The labelled pairs file, its images checked to exist (they are decoded when a table first asks)."""
-    if not config.identity.pairs:
+    if not config.identity.pairs or config.identity.pairs == ORIGINAL_PAIRS:
         return []
     pairs = read_pairs_csv(config.identity.pairs)
     missing = sorted({str(f) for p in pairs for f in (p.first, p.second) if not f.is_file()})
@@ -199,6 +206,7 @@ class Context:
     diagnoses_original: list[str] | None   # Tab. 4, in originals order
     gallery: Originals | None              # config.identity.gallery (Tab. 6), None when unset
     pairs: list                            # config.identity.pairs (eval.identity.evaluate.FacePair), [] when unset
+    recorded: list | None = None           # config.identity.faces = "recorded": the originals' faces.csv faces
     _scores: dict = dataclasses.field(default_factory=dict, repr=False)   # (method, kind) -> OutputScores
 
     @property
@@ -216,7 +224,7 @@ class Context:
     @functools.cached_property
     def base(self) -> scoring.OriginalScores:
         """The originals' faces, landmarks, gaze and identity features."""
-        return scoring.score_originals(self.originals, self.tools, self.config.batch_size)
+        return scoring.score_originals(self.originals, self.tools, self.config.batch_size, recorded=self.recorded)
 
     @functools.cached_property
     def original_predictions(self):
@@ -250,8 +258,15 @@ class Context:
             logging.warning("scored %s %s in %.0f s", method.name, kind, time.time() - t0)
         return self._scores[method.name, kind]
 
+    @functools.cached_property
+    def original_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """``identity.pairs = "originals"``: (pairs (N, 2) of originals' indices, same (N,))."""
+        return identity_pairs([o.identity for o in self.originals])
+
     @property
     def pairs_same(self) -> np.ndarray:
+        if self.config.identity.pairs == ORIGINAL_PAIRS:
+            return self.original_pairs[1]
         return np.array([p.same for p in self.pairs])
 
     @functools.cached_property
@@ -259,6 +274,14 @@ class Context:
         """Each identity model on the pairs file (the verification table and Tab. 1's thresholds use it)."""
         if not self.config.identity.pairs:
             return {}
+        if self.config.identity.pairs == ORIGINAL_PAIRS:
+            from eval.identity.metrics import id_distance, verification_accuracy
+
+            (pairs, same), out = self.original_pairs, {}
+            for name, features in sorted(self.base.features.items()):
+                distances = id_distance(features[pairs[:, 0]], features[pairs[:, 1]]).per_pair
+                out[name] = PairVerification(distances, verification_accuracy(distances, same, shuffle=True, seed=0))
+            return out
         return {name: verify_pairs(model, self.pairs, max_side=self.config.identity.pairs_max_side or None)
                 for name, model in sorted(self.tools.identity.items())}
 
@@ -274,8 +297,29 @@ def load(config, out_dir) -> Context:
     diagnoses_original = (read_diagnoses(Path(config.agreement.diagnoses_original), [o.name for o in originals])
                           if config.agreement.diagnoses_original else None)
     gallery, pairs = _matching_gallery(config), _read_pairs(config)
+    recorded = _recorded_faces(config, originals)
+    if config.identity.pairs == ORIGINAL_PAIRS:
+        try:
+            identity_pairs([o.identity for o in originals])
+        except ValueError as err:
+            raise ReportConfigError(f"config.identity.pairs = {ORIGINAL_PAIRS!r}: the originals {config.originals.root} "
+                                    f"(split {config.originals.split or 'all'}): {err}") from None
     notes = Notes()
     tools = load_tools(config, originals, notes)   # a missing weight file stops the run here, before slow work
     references = _prepare_reference_methods(config, originals, out_dir)
     return Context(config, out_dir, originals, references + users, tools, notes, leakage, diagnoses_original,
-                   gallery, pairs)
+                   gallery, pairs, recorded)
+
+
+def _recorded_faces(config, originals: Originals) -> list | None:
+    """The originals' faces.csv faces where ``config.identity.faces = "recorded"`` (None: detect)."""
+    source = config.identity.get("faces", "detect")
+    if source not in FACE_SOURCES:
+        raise ReportConfigError(f"config.identity.faces = {source!r}: expected one of {', '.join(FACE_SOURCES)}")
+    if source == "detect":
+        return None
+    faces = recorded_faces(originals)
+    if faces is None:
+        raise ReportConfigError(f"config.identity.faces = 'recorded': the originals {config.originals.root} record no "
+                                "faces (a MeMa root with faces.csv is needed); use 'detect'")
+    return faces

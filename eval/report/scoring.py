@@ -133,9 +133,11 @@ class OriginalScores:
     features: dict        # identity model -> (N, D)
 
 
-def score_originals(originals: Originals, tools: Tools, batch: int) -> OriginalScores:
+def score_originals(originals: Originals, tools: Tools, batch: int, recorded: list | None = None) -> OriginalScores:
+    """``recorded`` (one Face or None per original): the faces each identity model embeds at instead of
+    its own detector's (a MeMa folder's faces.csv: every small synthetic face, not only those found)."""
     scores = OriginalScores({}, {}, {}, {m: [] for m in tools.identity}, {m: [] for m in tools.identity})
-    for chunk in chunks(originals.items, batch):
+    for start, chunk in zip(range(0, len(originals.items), batch), chunks(originals.items, batch)):
         names = [o.name for o in chunk]
         images = [load_rgb(o.path) for o in chunk]
         if tools.landmarker or tools.gaze:
@@ -148,7 +150,8 @@ def score_originals(originals: Originals, tools: Tools, batch: int) -> OriginalS
                 scores.gaze.update((n, a) for n, a in zip(names, gaze_angles(tools.gaze, images, boxes))
                                    if a is not None)
         for name, model in tools.identity.items():
-            faces = [model.locate(image) for image in images]
+            faces = (recorded[start:start + len(chunk)] if recorded is not None
+                     else [model.locate(image) for image in images])
             scores.faces[name] += faces
             scores.features[name].append(model.embed(images, faces))
     scores.features = {m: np.concatenate(f) for m, f in scores.features.items()}

@@ -3,7 +3,7 @@ each model tells people apart before its numbers enter the other tables."""
 from __future__ import annotations
 
 from eval.report import tools
-from eval.report.context import Context
+from eval.report.context import ORIGINAL_PAIRS, Context
 from eval.report.scoring import nanmean
 from eval.report.table import Table, number, percent, text
 
@@ -24,5 +24,11 @@ def build(ctx: Context) -> Table:
         v = result.verification
         table.rows.append([name, v.accuracy, v.accuracy_std, v.n_pairs, v.n_skipped,
                            nanmean(result.distances[same])[0], nanmean(result.distances[~same])[0]])
-    table.notes.append(f"pairs: {ctx.config.identity.pairs}.")
+    if ctx.config.identity.pairs == ORIGINAL_PAIRS:
+        pairs, _ = ctx.original_pairs
+        people = len({ctx.originals.items[i].identity for i in pairs.ravel()})
+        table.notes.append(f"pairs: {int(same.sum())} same-person and {int((~same).sum())} different-person pairs of "
+                           f"the originals' own people ({people} people; drawn with seed 0; 10 shuffled folds).")
+    else:
+        table.notes.append(f"pairs: {ctx.config.identity.pairs}.")
     return table
