@@ -1,10 +1,11 @@
 r"""Wrong passwords and an inversion attack on a trained MedSem-DeID, on MeMa-Synth validation faces.
 
   python benchmarks/deid_attacks.py --model runs/deid_tables/full/model [--passphrases 1000] [--images 16]
+  python benchmarks/deid_attacks.py --model runs/pipeline/deid/model --identity runs/pipeline/eval_identity/backbone.pth
 
 Identity is scored by an ArcFace that no de-identifier was trained against: configs/identity.py:synth
-with another seed, trained here into <runs>/identity_eval on first use (the losses' ArcFace is seed
-0).  Faces are aligned from faces.csv; the match threshold is the cosine that best separates the
+with another seed (the losses' ArcFace is seed 0): ``--identity`` (the quickstart's eval_identity
+stage is one), else trained here into <runs>/identity_eval on first use.  Faces are aligned from faces.csv; the match threshold is the cosine that best separates the
 validation split's same- and different-identity pairs (its pair accuracy is reported).
 
 1. Wrong passwords: each of N random passphrases (through the real scrypt KDF, at a lower cost
@@ -132,9 +133,12 @@ def main() -> int:
     p.add_argument("--images", type=int, default=16, help="validation images per wrong passphrase")
     p.add_argument("--attack-steps", type=int, default=300)
     p.add_argument("--attack-batch", type=int, default=16)
+    p.add_argument("--identity", default="", help="an evaluation-only ArcFace backbone.pth (default: train one)")
     args = p.parse_args()
     runs, data = Path(args.runs), Path(args.data)
-    backbone = runs / "identity_eval" / "backbone.pth"
+    backbone = Path(args.identity) if args.identity else runs / "identity_eval" / "backbone.pth"
+    if args.identity and not backbone.is_file():
+        p.error(f"--identity {backbone}: no such file")
     if not backbone.exists():
         subprocess.run([sys.executable, "-m", "launch.main", "--config=configs/identity.py:synth",
                         f"--workdir={runs / 'identity_eval'}", f"--config.data.root={data}", "--config.seed=1",

@@ -1,7 +1,9 @@
 """The whole pipeline (``python -m launch.pipeline``, the quickstart) at its tiny preset: every stage
 runs, the tables and the grid are written, and a second run does no training and rewrites nothing.
 Its three training stages are the suite's shared trained models, made once per test run by these
-stages' own commands (conftest.py): linked in here, they are cached, and every other stage runs."""
+stages' own commands (conftest.py): linked in here, they are cached, and every other stage runs.
+The evaluation-only ArcFace stage is linked to the shared ArcFace too (the same command with another
+seed; training it again would only add time): the test checks the report's wiring, not its numbers."""
 import hashlib
 import os
 import subprocess
@@ -34,13 +36,20 @@ def test_every_stage_runs_and_a_second_run_is_all_cached(synth_dataset_32, tiny_
     runs.mkdir()
     for stage in (tiny_diffusion_model.parent, tiny_identity_backbone.parent, tiny_deid_run):
         (runs / stage.name).symlink_to(stage, target_is_directory=True)
+    (runs / "eval_identity").symlink_to(tiny_identity_backbone.parent, target_is_directory=True)
     first = pipeline(runs, synth_dataset_32.root)
     cached = [line.split("]")[0].lstrip("[") for line in first.splitlines() if "] cached: " in line]
-    assert cached == list(QUICKSTART_TRAINED_STAGES), first
+    assert cached == ["unet", "identity", "eval_identity", "deid"] == [*QUICKSTART_TRAINED_STAGES[:2], "eval_identity",
+                                                                     QUICKSTART_TRAINED_STAGES[2]], first
     tables = (runs / "report" / "tables.md").read_text()
     assert "medsem_deid" in tables
     for title in ("ID-Dis", "Tab. 8"):
         assert title in tables, title
+    # Both identity models score every face (recorded faces) and are verified on the validation people's pairs.
+    tab5 = tables.split("## Tab. 5")[1].split("## Tab. 6")[0]
+    assert "| Method | Rev | arcface_r18 | dlib |" in tab5 and "without a face" not in tab5
+    verification = (runs / "report" / "verification.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in verification[1:]] == ["arcface_r18", "dlib"]
     with Image.open(runs / "grid.png") as grid:
         assert grid.width >= 4 * 32
     assert f"grid: {runs / 'grid.png'}" in first
@@ -51,5 +60,5 @@ def test_every_stage_runs_and_a_second_run_is_all_cached(synth_dataset_32, tiny_
         assert not p.is_file() or b"a passphrase for the pipeline test" not in p.read_bytes(), p
     before = digests(runs)
     second = pipeline(runs, synth_dataset_32.root)
-    assert second.count("cached:") == 10 and "launch.main" not in second, second
+    assert second.count("cached:") == 11 and "launch.main" not in second, second
     assert digests(runs) == before
