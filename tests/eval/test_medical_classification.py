@@ -368,6 +368,8 @@ def test_bad_settings_are_one_clear_error(mema, tmp_path):
     for bad in ({"shift": -1}, {"jitter": 1.5}, {"warmup_epochs": 6}):
         with pytest.raises(InputError, match="shift must be >= 0, jitter in"):
             train_classifier(mema, "resnet18", tmp_path / "out", epochs=6, **bad)
+    with pytest.raises(InputError, match="blur must be >= 0 \\(pixels\\), got -0.5"):
+        train_classifier(mema, "resnet18", tmp_path / "out", epochs=6, blur=-0.5)
     assert not (tmp_path / "out").exists()
 
 
@@ -407,3 +409,28 @@ def test_augment_flips_shifts_and_jitters_within_its_bounds():
     again = classification.augment(pixels, torch.Generator().manual_seed(1), hflip=True, shift=2, jitter=0.2)
     assert torch.equal(again, classification.augment(pixels, torch.Generator().manual_seed(1), hflip=True, shift=2,
                                                      jitter=0.2))  # all draws from the generator
+
+
+def test_blur_augmentation_blurs_about_half_the_images_by_a_normalised_gaussian():
+    # The kernel: a constant image stays constant; an impulse spreads with variance sigma^2 per axis
+    # (3 % below it: the taps stop at 3 sigma).
+    flat = torch.full((3, 9, 9), 0.4)
+    assert torch.allclose(classification._gaussian_blur(flat, 1.2), flat, atol=1e-6)
+    impulse = torch.zeros(3, 21, 21)
+    impulse[:, 10, 10] = 1.0
+    spread = classification._gaussian_blur(impulse, 1.5)[0]
+    offsets = (torch.arange(21) - 10.0) ** 2
+    assert abs(float(spread.sum()) - 1) < 1e-5
+    assert 0.97 * 1.5 ** 2 <= float((spread.sum(0) * offsets).sum()) <= 1.5 ** 2
+    # The augmentation: about half the images blurred (smoother: less total variation), the rest untouched,
+    # every draw from the generator.
+    pixels = torch.rand(32, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = classification.augment(pixels, torch.Generator().manual_seed(1), hflip=False, shift=0, jitter=0.0, blur=1.5)
+    untouched = [torch.equal(o, p) for o, p in zip(out, pixels)]
+
+    def variation(x):
+        return float((x[:, 1:] - x[:, :-1]).abs().mean() + (x[:, :, 1:] - x[:, :, :-1]).abs().mean())
+    assert 8 <= 32 - sum(untouched) <= 24
+    assert all(variation(o) < variation(p) for o, p, u in zip(out, pixels, untouched) if not u)
+    assert torch.equal(out, classification.augment(pixels, torch.Generator().manual_seed(1), hflip=False, shift=0,
+                                                   jitter=0.0, blur=1.5))
