@@ -1,11 +1,12 @@
 r"""How much image quality the Med-Class yardstick needs: its accuracy on validation originals
 degraded by Gaussian blur and by Gaussian noise at several strengths, each row with its mean PSNR,
-beside any method folders' recovered images.  Issue 20 asks recovered images to keep Med-Class
+beside any folders of method outputs (de-identified or recovered images).  Issue 20 asks recovered images to keep Med-Class
 within 2 points of the originals at >= 27 dB: this says whether 27 dB of *generic* degradation
 does, i.e. whether the target is a question of PSNR or of what the error destroys.
 
   python benchmarks/medclass_vs_degradation.py --data data/mema_synth_64_3k \
-      --classifier runs/pipeline/medclass --recovered runs/pipeline/method/recovered --out runs/medclass_curve.md
+      --classifier runs/pipeline/medclass --folder X_hat=runs/pipeline/method/recovered \
+      --folder X_enc=runs/pipeline/method/deid --out runs/medclass_curve.md
 
 Eval bridge only (PyTorch, no jax).  Writes Markdown (atomically) and prints it.
 """
@@ -40,8 +41,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True, help="MeMa root (labels.csv)")
     p.add_argument("--split", default="val")
     p.add_argument("--classifier", required=True, help="eval.medical.classification output folder")
-    p.add_argument("--recovered", action="append", default=[], metavar="[NAME=]DIR",
-                   help="a folder of images named as the originals (a method's recovered/), scored as a row")
+    p.add_argument("--folder", action="append", default=[], metavar="[NAME=]DIR",
+                   help="a folder of images named as the originals (a method's deid/ or recovered/), scored as a row")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     t0 = time.time()
@@ -58,14 +59,14 @@ def main(argv=None) -> int:
     rows = [f"| originals | inf | {100 * per_class_accuracy(predict(classifier, images), true, classifier.classes)['All']:.2f}% |"]
     rows += [row(f"Gaussian blur, sigma {s} px", [blurred(im, s) for im in images]) for s in BLUR_SIGMAS]
     rows += [row(f"Gaussian noise, sigma {s} / 255", [noisy(im, s, rng) for im in images]) for s in NOISE_SIGMAS]
-    for spec in args.recovered:
+    for spec in args.folder:
         name, _, folder = spec.rpartition("=")
         folder = Path(folder)
         files = [folder / o.name for o in originals]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
-            p.error(f"--recovered {folder}: {len(missing)} of {len(files)} images missing, first {missing[:3]}")
-        rows.append(row(name or f"recovered ({folder})", [load_rgb(f) for f in files]))
+            p.error(f"--folder {folder}: {len(missing)} of {len(files)} images missing, first {missing[:3]}")
+        rows.append(row(name or str(folder), [load_rgb(f) for f in files]))
     text = "\n".join([
         f"Med-Class ({args.classifier}) on {len(images)} {args.split} images of {args.data} under degradation; "
         f"PSNR is the mean over images against the originals. {time.time() - t0:.0f} s.",
