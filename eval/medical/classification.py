@@ -232,7 +232,8 @@ def augment(pixels: torch.Tensor, generator: torch.Generator, *, hflip: bool, sh
     - ``blur``: blur half the images by a Gaussian of sigma drawn in [0, ``blur``] pixels (at ``image_size``),
       so that a diagnosis does not hang on the photo's sharpness: without it the 64 px ResNet-18 calls nearly
       every slightly soft face Conj (measured: a blur of sigma 0.7 px, 34 dB PSNR, takes it from 83% to 22%,
-      while noise of 30 dB leaves 79%; benchmarks/medclass_vs_degradation.py).
+      while noise of 30 dB leaves 79%; benchmarks/medclass_vs_degradation.py).  Not yet a working recipe: the
+      one run so far (``--blur 2 --epochs 8`` on MeMa-Synth 64 px) was still at chance after 3 epochs.
     """
     n, _, height, width = pixels.shape
     if hflip:
