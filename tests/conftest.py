@@ -194,7 +194,28 @@ TINY_DEID_STEPS = 40  # launch/pipeline.py's tiny preset
 
 
 @pytest.fixture(scope="session")
-def tiny_deid_run(tmp_path_factory, tiny_diffusion_model, tiny_identity_backbone, synth_dataset_32):
+def _tiny_deid_inputs_in_parallel(tmp_path_factory, synth_dataset_32):
+    """Starts the two independent models MedSem-DeID needs (the UNet and the ArcFace) at once, in
+    threads of this worker, instead of one after the other (the chain was the suite's only setup over
+    150 s).  The fixtures below then wait for them on made_once's lock; a build that failed here is
+    tried again there and its error raised there."""
+    import threading
+
+    def build(stage):
+        try:
+            _quickstart_stage(tmp_path_factory, stage, synth_dataset_32.root)
+        except Exception:  # noqa: BLE001 -- reported by the fixture that needs it
+            pass
+
+    threads = [threading.Thread(target=build, args=(stage,), daemon=True) for stage in ("unet", "identity")]
+    for t in threads:
+        t.start()
+    return threads
+
+
+@pytest.fixture(scope="session")
+def tiny_deid_run(_tiny_deid_inputs_in_parallel, tmp_path_factory, tiny_diffusion_model, tiny_identity_backbone,
+                  synth_dataset_32):
     """A tiny MedSem-DeID (configs/medsem_deid.py:tiny) trained TINY_DEID_STEPS steps on MeMa-Synth
     with the two models above, evaluated at the start and the end (the quickstart tiny preset's deid
     stage): its workdir (metrics.csv, model/).  Tests only read it."""
