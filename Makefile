@@ -20,7 +20,7 @@ $(CORE_STAMP): pyproject.toml | $(PY)
 # torch and torchvision first, pinned to the builds this machine ships on disk.
 $(ALL_STAMP): pyproject.toml $(CORE_STAMP)
 	$(PIP) "torch==2.14.1" "torchvision==0.29.1"
-	$(PIP) -e ".[torch,slurm,dev,tfds]"
+	$(PIP) -e ".[torch,slurm,dev,tfds,photos]"
 	$(PIP) --no-deps "facenet-pytorch==2.6.0"  # its pins (torch<2.3, numpy<2) are stale; it runs on ours
 	touch $@
 

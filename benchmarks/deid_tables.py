@@ -38,7 +38,7 @@ def stages(args) -> list[Stage]:
                        f"--config.optim.lr={args.lr}", f"--config.eval_every={args.steps}",
                        f"--config.checkpoint_every={args.steps}")
         out.append(Stage(f"train {variant}", train, workdir / "model"))
-        out.append(Stage(f"deidentify {variant}", python("deid_jax.deidentify", "deidentify", f"--model={workdir / 'model'}",
+        out.append(Stage(f"deidentify {variant}", python("deid_jax.deidentify", "deidentify", "--aligned", f"--model={workdir / 'model'}",
                                                          f"--in={DATA}", "--split=val", f"--out={method}",
                                                          "--passphrase-env=MEMA_PASSPHRASE"), method / "deid"))
         out.append(Stage(f"recover {variant}", python("deid_jax.deidentify", "recover", f"--model={workdir / 'model'}",

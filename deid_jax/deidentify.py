@@ -56,6 +56,8 @@ from deid_jax.model import DeidConfig, MedSemDeID
 from mema_jax.core.compile import jit, use_persistent_cache
 from mema_jax.errors import InputError
 from mema_jax.fileio import atomic_write_bytes, csv_bytes, write_png
+from photos import align, reference
+from photos import folder as photo_folder
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 FAILURES_FILE = "failures.csv"
@@ -73,10 +75,13 @@ class Deidentifier:
     medical: med_lib.MedicalEncoder | None
     _compiled: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
+    face_template: np.ndarray | None = None  # the training crop's five points (photos.align), when recorded
+
     @classmethod
     def load(cls, folder) -> Deidentifier:
         saved = export.load(folder)
-        return cls(saved.config, saved.params, saved.medical)
+        template = None if saved.face_template is None else np.asarray(saved.face_template, np.float64)
+        return cls(saved.config, saved.params, saved.medical, template)
 
     @property
     def size(self) -> int:
@@ -119,6 +124,46 @@ class Deidentifier:
         """The arguments :meth:`deidentify` passes its program for uint8 ``images`` and one password."""
         return (self.params, self.medical.params if self.medical else None, _to_float(images),
                 _batch_password(password, len(images)))
+
+
+@dataclasses.dataclass
+class MedSemFaces:
+    """MedSem-DeID as a ``photos.folder.FaceMethod``: each aligned face crop at the model's size is
+    de-identified; what recovery needs (f_enc, or the de-identified crop for ``recover_from=image``
+    models) is sealed per photo with the face warps under the passphrase's key."""
+
+    model: Deidentifier
+    secret: passwords.Secrets
+    template: np.ndarray
+    decryptor_vector: np.ndarray | None = None  # recover with another password (the wrong-password demo)
+    batch_size: int = 16
+    name: str = "medsem_deid"
+    reversible: bool = True
+
+    def crop_size(self, face) -> int:
+        return self.model.size
+
+    def _batched(self, arrays, run):
+        outs = []
+        for i in range(0, len(arrays), self.batch_size):
+            chunk = list(arrays[i:i + self.batch_size])
+            outs.extend(run(_pad(chunk, self.batch_size))[:len(chunk)])
+        return outs
+
+    def deidentify(self, crops):
+        pairs = self._batched(crops, lambda b: list(zip(*self.model.deidentify(b, self.secret.vector))))
+        x_enc = [np.asarray(x) for x, _ in pairs]
+        return x_enc, (x_enc if self.model.recovers_from_image else [np.asarray(f) for _, f in pairs])
+
+    def seal(self, name, arrays):
+        return payload.seal_arrays(self.secret.payload_key, name, arrays)
+
+    def unseal(self, name, blob, source):
+        return payload.unseal_arrays(self.secret.payload_key, name, blob, source)
+
+    def recover(self, payloads):
+        vector = self.secret.vector if self.decryptor_vector is None else self.decryptor_vector
+        return self._batched(payloads, lambda b: list(self.model.recover(b, vector)))
 
 
 def _batch_password(password, n):
@@ -368,7 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("deidentify", "recover"):
         p = sub.add_parser(name, allow_abbrev=False)
-        p.add_argument("--model", required=True, help="a MedSem-DeID model folder (<trainer workdir>/model)")
+        p.add_argument("--model", help="a MedSem-DeID model folder (<trainer workdir>/model); not needed with a "
+                       "reference --method")
         p.add_argument("--in", dest="inputs", required=True,
                        help="photos to de-identify" if name == "deidentify" else "the method folder deidentify wrote")
         p.add_argument("--out", required=name == "deidentify", help="the method folder to write" if name ==
@@ -381,6 +427,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("--decryptor-passphrase-env", help="open the features with the passphrase but run the "
                            "ID-Decryptor with this variable's passphrase: the paper's wrong-password output (a demo)")
         if name == "deidentify":
+            p.add_argument("--method", choices=("medsem_deid", *reference.METHODS), default="medsem_deid",
+                           help="MedSem-DeID (needs --model and a passphrase) or a reference de-identifier")
+            p.add_argument("--strength", type=float, help="a reference method's strength (photos.reference)")
+            p.add_argument("--aligned", action="store_true", help="the inputs are crops already aligned as the "
+                           "model's training images (a MeMa folder): each whole image goes through the model")
+            p.add_argument("--boxes", help="CSV name,left,top,right,bottom: the faces, given by hand (no detection)")
+            p.add_argument("--template", default="", help="'head' (photos.align.HEAD_TEMPLATE) for a model folder that "
+                           "records no face template")
+            p.add_argument("--max-upscale", type=float, default=photo_folder.MAX_UPSCALE,
+                           help="a face whose crop would enlarge it more than this is too small for the model")
             p.add_argument("--size", choices=SIZE_POLICIES, default="resize",
                            help="an image of another size than the model's: resize it (and the output back), or refuse it")
             p.add_argument("--split", default="", help="of a MeMa root, only this split (e.g. val)")
@@ -395,6 +451,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "it); type it at the prompt, or use --passphrase-env VAR or --passphrase-file FILE")
         if getattr(args, "opaque_names", False) and not args.name_map:
             raise InputError("--opaque-names needs --name-map FILE (where the original names are kept)")
+        if args.command == "deidentify" and not args.aligned:
+            return _photos_main(args)
+        if args.command == "recover" and (Path(args.inputs) / PHOTOS_FILE).is_file():
+            return _photos_main(args)
+        if args.model is None:
+            raise InputError("--model is needed (a MedSem-DeID model folder)")
         model = Deidentifier.load(args.model)
         passphrase = passwords.read_passphrase(env=args.passphrase_env, file=args.passphrase_file,
                                                confirm=args.command == "deidentify" and not (
@@ -424,6 +486,83 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InputError, FileExistsError) as e:
         print(f"deid_jax.deidentify: {e}", file=sys.stderr)
         return 2
+
+
+PHOTOS_FILE = "photos.json"
+
+
+def _photos_main(args) -> int:
+    """Whole photos (photos.folder): detect -> align -> de-identify -> paste back, or recover."""
+    import json
+
+    from mema_jax.fileio import atomic_write_bytes as write
+
+    if args.command == "deidentify":
+        method_name = args.method
+        aligned_only = [flag for flag, used in (("--split", args.split), ("--size", args.size != "resize"),
+                                                ("--convert-color", args.convert_color), ("--opaque-names", args.opaque_names))
+                        if used]
+        if aligned_only:
+            raise InputError(f"{', '.join(aligned_only)}: only with --aligned (whole photos are read at their own size "
+                             "and colour, and written under their own names)")
+    else:
+        method_name = json.loads((Path(args.inputs) / PHOTOS_FILE).read_text())["method"]
+    if method_name in reference.METHODS:
+        if args.command == "recover":
+            raise InputError(f"{args.inputs}: made with {method_name}, which is not reversible: nothing to recover")
+        method = photo_folder.ReferenceMethod(method_name, args.strength)
+    else:
+        if args.model is None:
+            raise InputError("--model is needed for --method medsem_deid (or choose a reference --method)")
+        model = Deidentifier.load(args.model)
+        template = model.face_template
+        if getattr(args, "template", "") == "head":
+            template = align.HEAD_TEMPLATE
+        if template is None:
+            raise InputError(f"{args.model}: the model folder records no face template (its training data had no "
+                             "faces.csv); pass --template head to align faces to MeMa's head crop, or --aligned")
+        if args.command == "deidentify":
+            out = Path(args.out)
+            key_params = passwords.KeyParams.load(out) if (out / passwords.PARAMS_FILE).is_file() else passwords.KeyParams.new()
+            passphrase = passwords.read_passphrase(env=args.passphrase_env, file=args.passphrase_file,
+                                                   confirm=not (args.passphrase_env or args.passphrase_file))
+            out.mkdir(parents=True, exist_ok=True)
+            key_params.save(out)
+        else:
+            key_params = passwords.KeyParams.load(Path(args.inputs))
+            passphrase = passwords.read_passphrase(env=args.passphrase_env, file=args.passphrase_file)
+        secret = passwords.derive(passphrase, key_params)
+        other = None
+        if args.command == "recover" and args.decryptor_passphrase_env:
+            other = passwords.password_vector(passwords.read_passphrase(env=args.decryptor_passphrase_env), key_params)
+        method = MedSemFaces(model, secret, np.asarray(template), other, batch_size=args.batch)
+    if args.command == "deidentify":
+        header = None
+        boxes = photo_folder.read_boxes(args.boxes) if args.boxes else None
+        out = Path(args.out)
+        try:
+            from photos import dicom
+
+            header_deidentifier = dicom.HeaderDeidentifier()
+            header = lambda ds: header_deidentifier.deidentify(ds, faces_cleaned=True)  # noqa: E731
+        except ImportError:
+            pass  # DICOM inputs then fail with a clear error (pip install 'mema-jax[photos]')
+        out.mkdir(parents=True, exist_ok=True)
+        write(out / PHOTOS_FILE, (json.dumps({"method": method.name}) + "\n").encode())
+        result = photo_folder.deidentify_photos(method, args.inputs, out, boxes=boxes, header=header,
+                                                max_upscale=args.max_upscale)
+        what = f"de-identified {result['faces']} faces in {len(result['done'])} photos into {out / 'deid'}"
+    else:
+        result = photo_folder.recover_photos(method, args.inputs, out=args.out)
+        what = f"recovered {result['faces']} faces in {len(result['done'])} photos into {result['out']}"
+    skipped = result.get("skipped", [])
+    print(what + (f"; {len(skipped)} already done" if skipped else ""), flush=True)
+    if result["failures"]:
+        print(f"{len(result['failures'])} files with failures (listed in {result['failures_file']}):", file=sys.stderr)
+        for name, reason in sorted(result["failures"].items()):
+            print(f"  {name}: {reason}", file=sys.stderr)
+        return 3
+    return 0
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ class SavedModel:
     params: dict                                  # the generator's (unboxed) parameters
     medical: med_lib.MedicalEncoder | None        # Enc_med, when the generator takes f_med
     identity_crop: str
+    face_template: list | None = None  # the five points of the training crop, fractions of its side (photos.align)
 
 
 def example_inputs(config: DeidConfig, medical) -> tuple:
@@ -68,14 +69,17 @@ def abstract_params(config: DeidConfig, medical) -> dict:
     return jax.eval_shape(lambda: init_generator(config, medical, jax.random.key(0)))
 
 
-def save(out, config: DeidConfig, params, medical, identity_crop: str) -> Path:
-    """Writes the model folder ``out`` atomically (it must not exist); ``params``: the generator's, on host."""
+def save(out, config: DeidConfig, params, medical, identity_crop: str, face_template=None) -> Path:
+    """Writes the model folder ``out`` atomically (it must not exist); ``params``: the generator's, on host.
+    ``face_template``: the mean five points of the training faces as fractions of the image side (5, 2),
+    which whole photos are aligned to (photos.align); None when the training data recorded no faces."""
     out = Path(out)
     uses_med = medical is not None and bool(config.med_channels)
     with atomic_folder(out) as tmp:
         weights.write_safetensors(tmp / GENERATOR_FILE, {k: np.asarray(v) for k, v in param_tree.flatten(params).items()})
         settings = {"model": config.to_dict(), "identity_crop": identity_crop,
-                    "medical_encoder": MEDICAL_DIR if uses_med else None}
+                    "medical_encoder": MEDICAL_DIR if uses_med else None,
+                    "face_template": None if face_template is None else np.asarray(face_template, float).round(4).tolist()}
         atomic_write_bytes(tmp / CONFIG_FILE, (json.dumps(settings, indent=2, sort_keys=True) + "\n").encode())
         if uses_med:
             med_lib.save(medical, tmp / MEDICAL_DIR)
@@ -97,4 +101,5 @@ def load(folder) -> SavedModel:
     flat = weights.read_state_dict(source)
     key_map = [weights.KeyMapping(p, p) for p in param_tree.flatten(abstract)]
     params = weights.load_into(abstract, flat, key_map, source=source)
-    return SavedModel(config, params, medical, settings.get("identity_crop", "landmarks"))
+    return SavedModel(config, params, medical, settings.get("identity_crop", "landmarks"),
+                      settings.get("face_template"))

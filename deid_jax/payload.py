@@ -30,18 +30,14 @@ class PayloadError(InputError):
     """A sealed features file that cannot be opened; the message names it and says why."""
 
 
-def seal(key: bytes, name: str, array: np.ndarray) -> bytes:
-    """``array`` as a sealed file's bytes, bound to the image ``name``."""
+def _encrypt(key: bytes, name: str, data: bytes) -> bytes:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(array), allow_pickle=False)
     nonce = os.urandom(NONCE_BYTES)
-    return MAGIC + nonce + AESGCM(key).encrypt(nonce, buf.getvalue(), MAGIC + name.encode("utf-8"))
+    return MAGIC + nonce + AESGCM(key).encrypt(nonce, data, MAGIC + name.encode("utf-8"))
 
 
-def unseal(key: bytes, name: str, blob: bytes, source: str) -> np.ndarray:
-    """The array sealed in ``blob`` (read from ``source``) for the image ``name``."""
+def _decrypt(key: bytes, name: str, blob: bytes, source: str) -> bytes:
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -49,8 +45,33 @@ def unseal(key: bytes, name: str, blob: bytes, source: str) -> np.ndarray:
         raise PayloadError(f"{source}: not a sealed features file (written by deid_jax.deidentify)")
     nonce = blob[len(MAGIC):len(MAGIC) + NONCE_BYTES]
     try:
-        data = AESGCM(key).decrypt(nonce, blob[len(MAGIC) + NONCE_BYTES:], MAGIC + name.encode("utf-8"))
+        return AESGCM(key).decrypt(nonce, blob[len(MAGIC) + NONCE_BYTES:], MAGIC + name.encode("utf-8"))
     except InvalidTag:
         raise PayloadError(f"{source}: does not open with this passphrase (a wrong passphrase, or the file was "
                            "modified or belongs to another image)") from None
-    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def seal(key: bytes, name: str, array: np.ndarray) -> bytes:
+    """``array`` as a sealed file's bytes, bound to the image ``name``."""
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array), allow_pickle=False)
+    return _encrypt(key, name, buf.getvalue())
+
+
+def unseal(key: bytes, name: str, blob: bytes, source: str) -> np.ndarray:
+    """The array sealed in ``blob`` (read from ``source``) for the image ``name``."""
+    return np.load(io.BytesIO(_decrypt(key, name, blob, source)), allow_pickle=False)
+
+
+def seal_arrays(key: bytes, name: str, arrays: dict[str, np.ndarray]) -> bytes:
+    """Several named arrays (``.npz``, no pickles) as one sealed file bound to ``name``: a whole
+    photo's faces, each with its warp and features (``photos.folder``)."""
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    return _encrypt(key, name, buf.getvalue())
+
+
+def unseal_arrays(key: bytes, name: str, blob: bytes, source: str) -> dict[str, np.ndarray]:
+    """The arrays :func:`seal_arrays` sealed, or a PayloadError naming ``source``."""
+    with np.load(io.BytesIO(_decrypt(key, name, blob, source)), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}

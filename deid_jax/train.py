@@ -211,7 +211,7 @@ def make_evaluator(config, parts: DeidParts, med, dataset, mesh, rules, params_s
     return evaluate
 
 
-def export(workdir: Path, cfg: DeidConfig, config, med, params) -> Path:
+def export(workdir: Path, cfg: DeidConfig, config, med, params, dataset=None) -> Path:
     """``<workdir>/model/`` (``deid_jax.export``): the generator, its settings and its medical encoder."""
     out = workdir / model_folder.MODEL_DIR
     if out.exists():
@@ -219,7 +219,30 @@ def export(workdir: Path, cfg: DeidConfig, config, med, params) -> Path:
     generator = loop.fetch(params["generator"])  # every process: a gather
     if jax.process_index() != 0:
         return out
-    return model_folder.save(out, cfg, generator, med, config.identity.crop)
+    return model_folder.save(out, cfg, generator, med, config.identity.crop,
+                             None if dataset is None else face_template(dataset))
+
+
+def face_template(dataset, limit: int = 500) -> np.ndarray | None:
+    """The mean five points of (up to ``limit``) training faces recorded in faces.csv, as fractions of
+    the image's width and height (pixel centres at integers: u = (x + 0.5) / width): the crop whole
+    photos are aligned to (photos.align).  None when the data records no faces."""
+    from PIL import Image
+
+    if dataset.faces is None:
+        return None
+    points = []
+    for r in dataset.split("train")[:limit]:
+        face = dataset.face(r)
+        if face is None:
+            continue
+        try:
+            with Image.open(dataset.image_path(r)) as im:
+                size = np.array(im.size, np.float64)
+        except OSError:
+            continue
+        points.append((face.landmarks_array() + 0.5) / size)
+    return np.mean(points, axis=0) if points else None
 
 
 def parameter_groups(config, med, parts: DeidParts, total_steps: int):
@@ -272,7 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                   shardings, frozen, frozen_shardings)
 
     def finish(state):
-        out = export(workdir, parts.config, config, med, state.params)
+        out = export(workdir, parts.config, config, med, state.params, dataset)
         if jax.process_index() == 0:
             print(f"exported the de-identifier: {out}", flush=True)
 

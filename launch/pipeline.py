@@ -101,7 +101,7 @@ def plan(preset: str, runs: Path, data: str = "") -> list[Stage]:
               eval_backbone),
         Stage("deid", _trainer(p["deid"][0], runs / "deid", data, f"--config.medical_encoder.source={unet_model}",
                                f"--config.identity.weights={backbone}", *p["deid"][1]), deid_model),
-        Stage("deidentify", python("deid_jax.deidentify", "deidentify", f"--model={deid_model}", f"--in={data}",
+        Stage("deidentify", python("deid_jax.deidentify", "deidentify", "--aligned", f"--model={deid_model}", f"--in={data}",
                                    "--split=val", f"--out={method}", f"--passphrase-env={PASSPHRASE_ENV}"),
               method / "features"),
         Stage("recover", python("deid_jax.deidentify", "recover", f"--model={deid_model}", f"--in={method}",

@@ -88,7 +88,7 @@ def test_a_folder_of_real_photos_is_done_bad_inputs_listed_inputs_untouched_outp
     folder, good = photos
     before = digests(folder)
     out = tmp_path / "method"
-    result = cli("deidentify", f"--model={tiny_deid_run / 'model'}", f"--in={folder}", f"--out={out}",
+    result = cli("deidentify", "--aligned", f"--model={tiny_deid_run / 'model'}", f"--in={folder}", f"--out={out}",
                  "--batch=4", check_rc=(3,))
     assert digests(folder) == before
     done = sorted(p.relative_to(out / "deid").as_posix() for p in (out / "deid").rglob("*.png"))
@@ -109,7 +109,7 @@ def test_a_folder_of_real_photos_is_done_bad_inputs_listed_inputs_untouched_outp
     for secret in (CAMERA_SERIAL.encode(), b"ExampleCam", b"Jane Example", PASSPHRASE.encode()):
         assert secret not in raw
     # --convert-color takes grayscale and RGBA; the corrupt file still fails, and a rerun skips what exists.
-    result = cli("deidentify", f"--model={tiny_deid_run / 'model'}", f"--in={folder}", f"--out={out}",
+    result = cli("deidentify", "--aligned", f"--model={tiny_deid_run / 'model'}", f"--in={folder}", f"--out={out}",
                  "--convert-color", check_rc=(3,))
     assert (out / "deid" / "gray.png").is_file() and (out / "deid" / "rgba.png").is_file()
     assert f"{len(good)} already done" in result.stdout
@@ -119,7 +119,7 @@ def test_a_folder_of_real_photos_is_done_bad_inputs_listed_inputs_untouched_outp
 def test_size_refuse_lists_every_image_of_another_size(tiny_deid_run, photos, tmp_path):
     folder, good = photos
     out = tmp_path / "method"
-    cli("deidentify", f"--model={tiny_deid_run / 'model'}", f"--in={folder}", f"--out={out}", "--size=refuse",
+    cli("deidentify", "--aligned", f"--model={tiny_deid_run / 'model'}", f"--in={folder}", f"--out={out}", "--size=refuse",
         check_rc=(3,))
     with open(out / "failures.csv", newline="") as f:
         failures = {row["name"]: row["reason"] for row in csv.DictReader(f)}
@@ -132,7 +132,7 @@ def test_opaque_names_hide_the_originals_and_the_map_is_written_where_asked(tiny
     folder, good = photos
     out, name_map = tmp_path / "method", tmp_path / "private" / "names.csv"
     name_map.parent.mkdir()
-    cli("deidentify", f"--model={tiny_deid_run / 'model'}", f"--in={folder}", f"--out={out}", "--opaque-names",
+    cli("deidentify", "--aligned", f"--model={tiny_deid_run / 'model'}", f"--in={folder}", f"--out={out}", "--opaque-names",
         f"--name-map={name_map}", check_rc=(3,))
     with open(name_map, newline="") as f:
         mapping = {row["original"]: row["opaque"] for row in csv.DictReader(f)}
@@ -161,7 +161,7 @@ def test_right_passphrase_recovers_what_the_cli_wrote_and_a_wrong_one_does_not(t
     """On MeMa-Synth validation faces (the model's domain), through the files the CLI wrote."""
     out = tmp_path / "method"
     model = f"--model={tiny_deid_run / 'model'}"
-    cli("deidentify", model, f"--in={synth_dataset_32.root}", f"--out={out}")
+    cli("deidentify", "--aligned", model, f"--in={synth_dataset_32.root}", f"--out={out}")
     features = sorted((out / "features").rglob("*"))
     assert features and all(p.suffix == ".sealed" for p in features if p.is_file())  # the paper's path, sealed
     written = digests(out)
@@ -203,7 +203,7 @@ def test_a_modified_or_swapped_features_file_is_listed_and_the_rest_recovered(ti
                                                                               tmp_path):
     out = tmp_path / "method"
     model = f"--model={tiny_deid_run / 'model'}"
-    cli("deidentify", model, f"--in={synth_dataset_32.root}", "--split=val", f"--out={out}")
+    cli("deidentify", "--aligned", model, f"--in={synth_dataset_32.root}", "--split=val", f"--out={out}")
     sealed = sorted((out / "features").rglob("*.sealed"))
     names = [p.relative_to(out / "features").with_suffix(".png").as_posix() for p in sealed]
     flipped = bytearray(sealed[0].read_bytes())
