@@ -1,7 +1,16 @@
 r"""De-identify a folder of face photos with a trained MedSem-DeID, and recover it with the passphrase.
 
     python -m deid_jax.deidentify deidentify --model runs/medsem_deid/model --in PHOTOS --out METHOD
+    python -m deid_jax.deidentify deidentify --method blur_keep_eyes --in PHOTOS --out METHOD
+    python -m deid_jax.deidentify deidentify --aligned --model runs/medsem_deid/model --in MEMA_ROOT --out METHOD
     python -m deid_jax.deidentify recover --model runs/medsem_deid/model --in METHOD [--out FOLDER]
+
+Whole photographs and DICOM files (the default): every face is found, aligned to the model's
+training crop, de-identified, warped back and blended into the photo at its own resolution; the
+photo path, its outputs and failures are ``photos.folder``'s (``--method`` a reference
+de-identifier needs no model and no passphrase; ``--boxes`` gives the faces by hand).  With
+``--aligned`` each input is a crop aligned as the model's training images (a MeMa folder) and goes
+through the model whole, as described below.
 
 The passphrase is asked for at a prompt (not echoed), or read from ``--passphrase-env VAR`` or
 ``--passphrase-file FILE``; it is never taken from the command line (where ``ps`` and the shell
@@ -37,7 +46,6 @@ serials, GPS positions, names): they are new PNGs holding pixels only.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import secrets
 import sys
@@ -285,7 +293,7 @@ def deidentify_folder(model: Deidentifier, inputs, out, passphrase: str, *, batc
     key_params = key_params or passwords.KeyParams.new()
     key_params.save(out)
     secret = passwords.derive(passphrase, key_params)
-    opaque = _load_name_map(name_map) if name_map else None
+    opaque = photo_folder.load_name_map(name_map) if name_map else None
     result = {"done": [], "skipped": [], "failures": {}, "out": out}
 
     def target(name: str, assign: bool = True) -> str | None:
@@ -327,7 +335,7 @@ def deidentify_folder(model: Deidentifier, inputs, out, passphrase: str, *, batc
             write_png(out / "deid" / t, _resized(x_enc[i], originals[i]))
             result["done"].append(name)
         if opaque is not None:
-            _save_name_map(name_map, opaque)
+            photo_folder.save_name_map(name_map, opaque)
     if result["failures"]:  # with opaque names the list names originals, so it goes beside the name map
         result["failures_file"] = (Path(name_map).with_suffix(".failures.csv") if opaque is not None
                                    else out / FAILURES_FILE)
@@ -389,18 +397,6 @@ def recover_folder(model: Deidentifier, method_dir, passphrase: str, *, out=None
 
 def _features_file(method_dir: Path, name: str) -> Path:
     return method_dir / "features" / Path(name).with_suffix(payload.SUFFIX)
-
-
-def _load_name_map(path) -> dict[str, str]:
-    path = Path(path)
-    if not path.exists():
-        return {}
-    with open(path, newline="") as f:
-        return {row["original"]: row["opaque"] for row in csv.DictReader(f)}
-
-
-def _save_name_map(path, mapping: dict[str, str]) -> None:
-    atomic_write_bytes(Path(path), csv_bytes(["original", "opaque"], sorted(mapping.items())))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -500,8 +496,7 @@ def _photos_main(args) -> int:
     if args.command == "deidentify":
         method_name = args.method
         aligned_only = [flag for flag, used in (("--split", args.split), ("--size", args.size != "resize"),
-                                                ("--convert-color", args.convert_color), ("--opaque-names", args.opaque_names))
-                        if used]
+                                                ("--convert-color", args.convert_color)) if used]
         if aligned_only:
             raise InputError(f"{', '.join(aligned_only)}: only with --aligned (whole photos are read at their own size "
                              "and colour, and written under their own names)")
@@ -550,8 +545,10 @@ def _photos_main(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
         write(out / PHOTOS_FILE, (json.dumps({"method": method.name}) + "\n").encode())
         result = photo_folder.deidentify_photos(method, args.inputs, out, boxes=boxes, header=header,
-                                                max_upscale=args.max_upscale)
-        what = f"de-identified {result['faces']} faces in {len(result['done'])} photos into {out / 'deid'}"
+                                                max_upscale=args.max_upscale,
+                                                name_map=args.name_map if args.opaque_names else None)
+        what = (f"{result['files']} files: de-identified {result['faces']} faces in {len(result['done'])} photos "
+                f"into {out / 'deid'}")
     else:
         result = photo_folder.recover_photos(method, args.inputs, out=args.out)
         what = f"recovered {result['faces']} faces in {len(result['done'])} photos into {result['out']}"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import secrets
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -119,6 +120,19 @@ def output_name(name: str, is_dicom: bool) -> str:
     return str(Path(name).with_suffix(".dcm")) if is_dicom else str(Path(name).with_suffix(".png"))
 
 
+def load_name_map(path) -> dict[str, str]:
+    """``--name-map FILE``: original name -> opaque output name (empty when the file does not exist yet)."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    with open(path, newline="") as f:
+        return {row["original"]: row["opaque"] for row in csv.DictReader(f)}
+
+
+def save_name_map(path, mapping: dict[str, str]) -> None:
+    atomic_write_bytes(Path(path), csv_bytes(["original", "opaque"], sorted(mapping.items())))
+
+
 def read_boxes(path) -> dict[str, list[tuple[float, float, float, float]]]:
     """``--boxes FILE``: a CSV with columns name,left,top,right,bottom (pixels of the upright photo)."""
     path = Path(path)
@@ -207,22 +221,34 @@ def process_faces(photo: np.ndarray, faces: Sequence[Face], method: FaceMethod, 
 
 def deidentify_photos(method: FaceMethod, inputs, out, *, boxes: dict | None = None,
                       header: Callable | None = None, detect: Callable = detect_faces,
-                      max_upscale: float = MAX_UPSCALE) -> dict:
+                      max_upscale: float = MAX_UPSCALE, name_map=None) -> dict:
     """De-identifies every photo below ``inputs`` into ``out`` (module docstring).  ``header``:
-    dataset -> de-identified dataset for DICOM inputs (one per run: consistent UIDs).  Returns
-    {"done", "skipped", "failures": {name: reason}, "faces": int, "out"}."""
+    dataset -> de-identified dataset for DICOM inputs (one per run: consistent UIDs).  ``name_map``:
+    a CSV path: outputs get random names (a file name may name the patient), the original -> opaque
+    map is kept there and the failures, which name originals, beside it (``<stem>.failures.csv``).
+    Returns {"done", "skipped", "failures": {name: reason}, "faces": int, "out", "files"}."""
     inputs, out = Path(inputs), Path(out)
     _check_apart(inputs, out)
     names, failures = list_photos(inputs)
     if not names:
         raise InputError(f"{inputs}: no photos ({', '.join(IMAGE_EXTENSIONS + DICOM_EXTENSIONS)})")
     out.mkdir(parents=True, exist_ok=True)
-    result = {"done": [], "skipped": [], "failures": failures, "faces": 0, "out": out}
+    opaque = load_name_map(name_map) if name_map is not None else None
+    result = {"done": [], "skipped": [], "failures": failures, "faces": 0, "out": out, "files": len(names) + len(failures)}
+
+    def written_name(name: str, is_dicom: bool) -> str:
+        if opaque is None:
+            return output_name(name, is_dicom)
+        if name not in opaque:
+            opaque[name] = f"{secrets.token_hex(8)}{'.dcm' if is_dicom else '.png'}"
+        return opaque[name]
+
     for name in _progress(names, f"de-identifying ({method.name})"):
         source = inputs / name
         is_dicom = _is_dicom(source)
-        target = out / "deid" / output_name(name, is_dicom)
-        sealed = out / "features" / (output_name(name, is_dicom) + SEALED_SUFFIX)
+        written = written_name(name, is_dicom)
+        target = out / "deid" / written
+        sealed = out / "features" / (written + SEALED_SUFFIX)
         if target.exists() and (not method.reversible or sealed.exists()):
             result["skipped"].append(name)
             continue
@@ -246,17 +272,22 @@ def deidentify_photos(method: FaceMethod, inputs, out, *, boxes: dict | None = N
             arrays = {"matrices": np.stack([a.matrix for a, _ in records]),
                       "sizes": np.array([a.size for a, _ in records]),
                       "payloads": np.stack([p for _, p in records])}
-            atomic_write_bytes(sealed, method.seal(output_name(name, is_dicom), arrays))
+            atomic_write_bytes(sealed, method.seal(written, arrays))
         dataset = None
         if is_dicom:
             dataset = header(photo.dicom.dataset) if header is not None else None
             if dataset is None:
                 raise InputError(f"{source}: a DICOM input needs a header de-identifier")
         write_photo(target, pixels, photo, dataset)
+        if opaque is not None:
+            save_name_map(name_map, opaque)
         result["done"].append(name)
         result["faces"] += len(records) + len(small)
+    if opaque is not None:  # names the map gave photos that were not written (no face) are dropped
+        save_name_map(name_map, {k: v for k, v in opaque.items() if k in result["done"] or k in result["skipped"]})
     if failures:
-        result["failures_file"] = out / FAILURES_FILE
+        result["failures_file"] = (Path(name_map).with_suffix(".failures.csv") if opaque is not None
+                                   else out / FAILURES_FILE)
         atomic_write_bytes(result["failures_file"], csv_bytes(["name", "reason"], sorted(failures.items())))
     return result
 

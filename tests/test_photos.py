@@ -294,3 +294,21 @@ def test_the_clinic_command_does_a_mixed_folder_of_photos_and_dicom_and_recovers
     assert p_path > p_direct - 1.0 and p_path > p_deid, (p_path, p_direct, p_deid)
     again = cli("deidentify", f"--in={inputs}", f"--out={out}")
     assert "2 already done" in again.stdout
+
+
+def test_opaque_names_keep_the_patient_name_out_of_the_outputs(tmp_path):
+    inputs, out, name_map = tmp_path / "in", tmp_path / "out", tmp_path / "private" / "names.csv"
+    inputs.mkdir()
+    name_map.parent.mkdir()
+    (inputs / "jane_doe_2023.jpg").write_bytes(PORTRAIT.read_bytes())
+    Image.fromarray(np.full((60, 80, 3), 200, np.uint8)).save(inputs / "john_roe_wall.png")
+    result = photo_folder.deidentify_photos(photo_folder.ReferenceMethod("mask"), inputs, out, name_map=name_map)
+    written = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()]
+    assert result["done"] == ["jane_doe_2023.jpg"] and len(written) == 1
+    assert not any(part in w for w in written for part in ("jane", "doe", "john", "roe"))
+    mapping = photo_folder.load_name_map(name_map)
+    assert list(mapping) == ["jane_doe_2023.jpg"] and written == [f"deid/{mapping['jane_doe_2023.jpg']}"]
+    failures = (tmp_path / "private" / "names.failures.csv").read_text()
+    assert "john_roe_wall.png" in failures and not (out / "failures.csv").exists()
+    again = photo_folder.deidentify_photos(photo_folder.ReferenceMethod("mask"), inputs, out, name_map=name_map)
+    assert again["skipped"] == ["jane_doe_2023.jpg"] and photo_folder.load_name_map(name_map) == mapping
