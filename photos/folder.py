@@ -133,24 +133,34 @@ def save_name_map(path, mapping: dict[str, str]) -> None:
     atomic_write_bytes(Path(path), csv_bytes(["original", "opaque"], sorted(mapping.items())))
 
 
-def read_boxes(path) -> dict[str, list[tuple[float, float, float, float]]]:
-    """``--boxes FILE``: a CSV with columns name,left,top,right,bottom (pixels of the upright photo)."""
+FIVE_POINT_COLUMNS = tuple(f"{n}_{xy}" for n in ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
+                           for xy in "xy")
+
+
+def read_boxes(path) -> dict[str, list[Face | tuple[float, float, float, float]]]:
+    """``--boxes FILE``: a CSV with columns name,left,top,right,bottom (pixels of the upright photo),
+    one row per face; with MeMa's five-point columns too (left_eye_x ... mouth_right_y, as in
+    faces.csv) a row is a whole :class:`Face` and no landmark model runs for it."""
     path = Path(path)
     try:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
-            missing = {"name", "left", "top", "right", "bottom"} - set(reader.fieldnames or ())
+            columns = set(reader.fieldnames or ())
+            missing = {"name", "left", "top", "right", "bottom"} - columns
             if missing:
                 raise InputError(f"{path}: missing columns {sorted(missing)}; expected name,left,top,right,bottom")
+            with_points = set(FIVE_POINT_COLUMNS) <= columns
             boxes: dict[str, list] = {}
             for i, row in enumerate(reader, start=2):
                 try:
                     box = tuple(float(row[k]) for k in ("left", "top", "right", "bottom"))
+                    points = (np.array([float(row[c]) for c in FIVE_POINT_COLUMNS]).reshape(5, 2)
+                              if with_points and all((row[c] or "").strip() for c in FIVE_POINT_COLUMNS) else None)
                 except (TypeError, ValueError):
-                    raise InputError(f"{path}: line {i}: the box must be four numbers") from None
+                    raise InputError(f"{path}: line {i}: the box and points must be numbers") from None
                 if box[2] <= box[0] or box[3] <= box[1]:
                     raise InputError(f"{path}: line {i}: right/bottom must exceed left/top")
-                boxes.setdefault(row["name"], []).append(box)
+                boxes.setdefault(row["name"], []).append(box if points is None else Face(box, points))
             return boxes
     except OSError as e:
         raise InputError(f"{path}: cannot be read ({e})") from None
@@ -176,8 +186,11 @@ class Photo:
 
 def read_photo(path: Path) -> Photo:
     if _is_dicom(path):
-        from photos import dicom
-
+        try:
+            from photos import dicom
+        except ImportError as e:
+            raise InputError(f"{path}: reading DICOM needs pydicom and dicognito ({e}); "
+                             "pip install 'mema-jax[photos]'") from None
         d = dicom.read_photo(path)
         return Photo(d.pixels, d)
     return Photo(load_photo(path))
@@ -258,12 +271,21 @@ def deidentify_photos(method: FaceMethod, inputs, out, *, boxes: dict | None = N
             failures[name] = str(e)
             continue
         if boxes is not None:
-            faces = [face_in_box(photo.pixels, b) for b in boxes.get(name, [])]
+            faces = [b if isinstance(b, Face) else face_in_box(photo.pixels, b) for b in boxes.get(name, [])]
         else:
             faces = detect(photo.pixels)
         if not faces:
             failures[name] = ("no face found (not written)" if boxes is None else "no box given in --boxes (not written)")
             continue
+        dataset = None
+        if is_dicom:  # the header first: a header that cannot be de-identified leaves nothing behind
+            try:
+                if header is None:
+                    raise InputError(f"{source}: no DICOM header de-identifier was given")
+                dataset = header(photo.dicom.dataset)
+            except InputError as e:
+                failures[name] = str(e)
+                continue
         pixels, records, small = process_faces(photo.pixels, faces, method, max_upscale)
         for reason in small.values():
             failures.setdefault(name, "")
@@ -273,11 +295,6 @@ def deidentify_photos(method: FaceMethod, inputs, out, *, boxes: dict | None = N
                       "sizes": np.array([a.size for a, _ in records]),
                       "payloads": np.stack([p for _, p in records])}
             atomic_write_bytes(sealed, method.seal(written, arrays))
-        dataset = None
-        if is_dicom:
-            dataset = header(photo.dicom.dataset) if header is not None else None
-            if dataset is None:
-                raise InputError(f"{source}: a DICOM input needs a header de-identifier")
         write_photo(target, pixels, photo, dataset)
         if opaque is not None:
             save_name_map(name_map, opaque)

@@ -225,7 +225,8 @@ def test_medsem_deid_recovers_each_face_with_the_passphrase_and_not_without(tiny
 @pytest.mark.usefixtures("validators")
 def test_the_clinic_command_does_a_mixed_folder_of_photos_and_dicom_and_recovers_it(tiny_deid_run, tmp_path):
     """``python -m deid_jax.deidentify deidentify`` on a folder as a clinic has it: a group photo, a
-    DICOM photograph full of PHI, a corrupt DICOM and a photo of a wall; then ``recover``."""
+    DICOM photograph full of PHI, a corrupt DICOM, one whose pixels carry text (Burned In Annotation
+    YES: refused) and a photo of a wall; then ``recover``."""
     import subprocess
     import sys
 
@@ -239,6 +240,7 @@ def test_the_clinic_command_does_a_mixed_folder_of_photos_and_dicom_and_recovers
     original = load_photo(PORTRAIT)
     source = build(inputs / "patient.dcm", original, "vl_jpeg")
     (inputs / "corrupt.dcm").write_bytes((inputs / "patient.dcm").read_bytes()[:300])
+    build(inputs / "burned.dcm", original[::4, ::4].copy(), "vl_rgb", BurnedInAnnotation="YES")
     Image.fromarray(np.full((120, 160, 3), 90, np.uint8)).save(inputs / "wall.png")
     before = digests(inputs)
 
@@ -253,8 +255,9 @@ def test_the_clinic_command_does_a_mixed_folder_of_photos_and_dicom_and_recovers
     assert done.returncode == 3, done.stdout + done.stderr  # 3: some inputs listed as failures
     assert "de-identified 4 faces in 2 photos" in done.stdout
     failures = {r["name"]: r["reason"] for r in csv.DictReader(open(out / "failures.csv"))}
-    assert set(failures) == {"corrupt.dcm", "wall.png"}
+    assert set(failures) == {"corrupt.dcm", "wall.png", "burned.dcm"}
     assert "corrupt.dcm" in failures["corrupt.dcm"] and "truncated" in failures["corrupt.dcm"]
+    assert "Burned In Annotation (0028,0301) is YES" in failures["burned.dcm"]
     assert digests(inputs) == before and sorted(p.name for p in (out / "deid").iterdir()) == ["group.png", "patient.dcm"]
 
     deid_file = out / "deid" / "patient.dcm"
@@ -312,3 +315,18 @@ def test_opaque_names_keep_the_patient_name_out_of_the_outputs(tmp_path):
     assert "john_roe_wall.png" in failures and not (out / "failures.csv").exists()
     again = photo_folder.deidentify_photos(photo_folder.ReferenceMethod("mask"), inputs, out, name_map=name_map)
     assert again["skipped"] == ["jane_doe_2023.jpg"] and photo_folder.load_name_map(name_map) == mapping
+
+
+def test_boxes_with_five_points_are_used_as_given(tmp_path):
+    """A --boxes row with faces.csv's five-point columns is a whole face: no landmark model runs, and
+    the crop is aligned on exactly those points."""
+    [face] = detect_faces(load_photo(PORTRAIT))
+    moved = face.points + np.array([3.0, -2.0])
+    header = "name,left,top,right,bottom," + ",".join(photo_folder.FIVE_POINT_COLUMNS)
+    row = "portrait.jpg," + ",".join(f"{v:.3f}" for v in (*face.box, *moved.ravel()))
+    (tmp_path / "boxes.csv").write_text(header + "\n" + row + "\nportrait.jpg,1,2,30,40" + ",," * 5 + "\n")
+    given = photo_folder.read_boxes(tmp_path / "boxes.csv")["portrait.jpg"]
+    assert np.allclose(given[0].points, moved, atol=1e-3) and given[1] == (1.0, 2.0, 30.0, 40.0)
+    (tmp_path / "bad.csv").write_text(header + "\nportrait.jpg,10,10,5,40" + ",1" * 10 + "\n")
+    with pytest.raises(Exception, match="bad.csv: line 2: right/bottom must exceed left/top"):
+        photo_folder.read_boxes(tmp_path / "bad.csv")
