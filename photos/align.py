@@ -76,46 +76,41 @@ class Alignment:
         right, bottom = np.ceil(corners.max(axis=0)).astype(int) + 1
         return max(0, left), max(0, top), min(w, right), min(h, bottom)
 
-    def paste(self, photo: np.ndarray, crop: np.ndarray, inner: float = INNER) -> np.ndarray:
-        """``photo`` with ``crop`` warped back and blended in; pixels of weight 0 are left as they were."""
-        left, top, right, bottom = self.region(photo.shape)
-        out = photo.copy()
-        if right <= left or bottom <= top:
-            return out
+    def _weights(self, shape, inner: float = INNER):
+        """(region box, crop x, crop y, blend weight) for the photo pixels of :meth:`region`."""
+        left, top, right, bottom = self.region(shape)
         ys, xs = np.mgrid[top:bottom, left:right].astype(np.float64)
         cx = self.matrix[0, 0] * xs + self.matrix[0, 1] * ys + self.matrix[0, 2]
         cy = self.matrix[1, 0] * xs + self.matrix[1, 1] * ys + self.matrix[1, 2]
-        w = self.weight(np.stack([cx, cy], axis=-1), inner)
+        return (left, top, right, bottom), cx, cy, self.weight(np.stack([cx, cy], axis=-1), inner)
+
+    def paste(self, photo: np.ndarray, crop: np.ndarray, inner: float = INNER) -> np.ndarray:
+        """``photo`` with ``crop`` warped back and blended in; pixels of weight 0 are left as they were."""
+        out = photo.copy()
+        (left, top, right, bottom), cx, cy, w = self._weights(photo.shape, inner)
         inside = w > 0
         if not inside.any():
             return out
         values = _bilinear(crop.astype(np.float64), cx[inside], cy[inside])
-        patch = out[top:bottom, left:right].astype(np.float64)
-        wi = w[inside][:, None]
-        patch[inside] = patch[inside] * (1.0 - wi) + values * wi
         block = out[top:bottom, left:right]
-        block[inside] = np.clip(np.round(patch[inside]), 0, 255).astype(np.uint8)
+        wi = w[inside][:, None]
+        blended = block[inside].astype(np.float64) * (1.0 - wi) + values * wi
+        block[inside] = np.clip(np.round(blended), 0, 255).astype(np.uint8)
         return out
+
+    def _mask(self, shape, keep) -> np.ndarray:
+        mask = np.zeros(shape[:2], bool)
+        (left, top, right, bottom), _, _, w = self._weights(shape)
+        mask[top:bottom, left:right] = keep(w)
+        return mask
 
     def inside(self, shape) -> np.ndarray:
         """Boolean mask (H, W) of the photo's pixels the blend gives full weight (the face region)."""
-        mask = np.zeros(shape[:2], bool)
-        left, top, right, bottom = self.region(shape)
-        ys, xs = np.mgrid[top:bottom, left:right].astype(np.float64)
-        cx = self.matrix[0, 0] * xs + self.matrix[0, 1] * ys + self.matrix[0, 2]
-        cy = self.matrix[1, 0] * xs + self.matrix[1, 1] * ys + self.matrix[1, 2]
-        mask[top:bottom, left:right] = self.weight(np.stack([cx, cy], axis=-1)) >= 1.0
-        return mask
+        return self._mask(shape, lambda w: w >= 1.0)
 
     def touched(self, shape) -> np.ndarray:
         """Boolean mask (H, W) of the pixels the blend may change (weight > 0)."""
-        mask = np.zeros(shape[:2], bool)
-        left, top, right, bottom = self.region(shape)
-        ys, xs = np.mgrid[top:bottom, left:right].astype(np.float64)
-        cx = self.matrix[0, 0] * xs + self.matrix[0, 1] * ys + self.matrix[0, 2]
-        cy = self.matrix[1, 0] * xs + self.matrix[1, 1] * ys + self.matrix[1, 2]
-        mask[top:bottom, left:right] = self.weight(np.stack([cx, cy], axis=-1)) > 0
-        return mask
+        return self._mask(shape, lambda w: w > 0)
 
 
 def _bilinear(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
