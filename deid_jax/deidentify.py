@@ -471,14 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = recover_folder(model, args.inputs, passphrase, out=args.out, batch_size=args.batch,
                                     decryptor_passphrase=other)
             what = f"recovered {len(result['done'])} images into {result['out']}"
-        skipped = result.get("skipped", [])
-        print(what + (f"; {len(skipped)} already done" if skipped else ""), flush=True)
-        if result["failures"]:
-            print(f"{len(result['failures'])} inputs failed (listed in {result['failures_file']}):", file=sys.stderr)
-            for name, reason in sorted(result["failures"].items()):
-                print(f"  {name}: {reason}", file=sys.stderr)
-            return 3
-        return 0
+        return _report(result, what, "inputs failed")
     except (InputError, FileExistsError) as e:
         print(f"deid_jax.deidentify: {e}", file=sys.stderr)
         return 2
@@ -552,14 +545,19 @@ def _photos_main(args) -> int:
     else:
         result = photo_folder.recover_photos(method, args.inputs, out=args.out)
         what = f"recovered {result['faces']} faces in {len(result['done'])} photos into {result['out']}"
+    return _report(result, what, "files with failures")
+
+
+def _report(result: dict, what: str, failed: str) -> int:
+    """Prints the summary and the failures list; the exit status: 3 when anything failed, else 0."""
     skipped = result.get("skipped", [])
     print(what + (f"; {len(skipped)} already done" if skipped else ""), flush=True)
-    if result["failures"]:
-        print(f"{len(result['failures'])} files with failures (listed in {result['failures_file']}):", file=sys.stderr)
-        for name, reason in sorted(result["failures"].items()):
-            print(f"  {name}: {reason}", file=sys.stderr)
-        return 3
-    return 0
+    if not result["failures"]:
+        return 0
+    print(f"{len(result['failures'])} {failed} (listed in {result['failures_file']}):", file=sys.stderr)
+    for name, reason in sorted(result["failures"].items()):
+        print(f"  {name}: {reason}", file=sys.stderr)
+    return 3
 
 
 if __name__ == "__main__":
