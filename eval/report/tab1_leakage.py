@@ -2,14 +2,14 @@
 each identity model's decision threshold (config.leakage; inputs listed by context.load)."""
 from __future__ import annotations
 
-import numpy as np
 
 from eval.identity import face_found
-from eval.identity.metrics import best_threshold, identity_leakage_rate
+from eval.identity.metrics import identity_leakage_rate
 from eval.report import tools
 from eval.report.context import Context
 from eval.report.scoring import embed_folder, nanmean
 from eval.report.table import Table, percent_value, text
+from eval.report.thresholds import decision_thresholds
 
 KEY = "tab1_leakage"
 TITLE = ("Tab. 1: identity leakage of generated images (% whose nearest real patient is within the threshold; "
@@ -25,7 +25,7 @@ def build(ctx: Context) -> Table:
         return table
     if not ctx.tools.identity:
         return table   # the identity note says why
-    thresholds = _thresholds(ctx, table.notes)
+    thresholds = decision_thresholds(ctx, table.notes)
     models = sorted(thresholds)
     if not models:
         table.notes.append("no identity model has a decision threshold: nothing to score.")
@@ -63,24 +63,3 @@ def build(ctx: Context) -> Table:
                        f"L2-normalised features): {', '.join(f'{m} {t:.4f}' for m, t in thresholds.items())}. "
                        "Average = mean over the models present.")
     return table
-
-
-def _thresholds(ctx: Context, notes: list[str]) -> dict:
-    """Each model's decision threshold: the configured one, else the best one on the pairs file, else none."""
-    thresholds = {}
-    for model in ctx.models:
-        configured = ctx.config.identity.models[model].match_threshold
-        result = ctx.pair_results.get(model)
-        if configured is not None:
-            thresholds[model] = float(configured)
-        elif result is not None and (~np.isnan(result.distances)).any():
-            ok = ~np.isnan(result.distances)
-            thresholds[model] = best_threshold(result.distances[ok], ctx.pairs_same[ok])
-            notes.append(f"{model}: no match_threshold configured; using {thresholds[model]:.4f}, the threshold "
-                         f"that best separates the {int(ok.sum())} pairs of {ctx.config.identity.pairs} with faces "
-                         "(same person iff distance <= threshold, chosen on all pairs).")
-        else:
-            why = "its pairs have no face" if result is not None else "config.identity.pairs is empty"
-            notes.append(f"{model} left out: no decision threshold (config.identity.models.{model}.match_threshold "
-                         f"unset and {why}).")
-    return thresholds

@@ -164,7 +164,7 @@ def test_writes_markdown_csv_grid_and_per_image_files(fixture):
         "tab6_matching": ["Method", "dlib"],
         "tab7_landmark_gaze": ["Method", "Rev", "Landmark all", "Landmark eye", "Landmark mouth", "Landmark nose",
                                "Gaze pitch", "Gaze yaw"],
-        "tab8_reversibility": ["Method", "ID-Dis dlib", "PSNR (dB)", "LPIPS", "Med-Class"],
+        "tab8_reversibility": ["Method", "ID-Dis dlib", "Same person dlib", "PSNR (dB)", "LPIPS", "Med-Class"],
         "verification": ["Model", "Accuracy", "Std", "Pairs", "Skipped", "Mean dist same", "Mean dist different"],
     }
     assert list(fixture["tables"]) == list(TITLES)
@@ -279,6 +279,8 @@ def test_reversibility_row_matches_the_recovered_images(fixture):
     assert 0.0 < float(rows[0]["LPIPS"]) < 1.0
     deid = {r["Method"]: float(r["dlib"]) for r in _read_csv(fixture["out"] / "tab5_id_dis.csv")}
     assert float(rows[0]["ID-Dis dlib"]) < deid["toy"]   # recovery restores identity
+    # The original plus +-3 noise is its person at dlib's threshold 0.4 (copies' distances are ~0.01).
+    assert float(rows[0]["Same person dlib"]) == 1.0
     assert 0.0 <= float(rows[0]["Med-Class"]) <= 1.0
 
 
