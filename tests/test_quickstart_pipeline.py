@@ -3,7 +3,8 @@ runs, the tables and the grid are written, and a second run does no training and
 Its three training stages are the suite's shared trained models, made once per test run by these
 stages' own commands (conftest.py): linked in here, they are cached, and every other stage runs.
 The evaluation-only ArcFace stage is linked to the shared ArcFace too (the same command with another
-seed; training it again would only add time): the test checks the report's wiring, not its numbers."""
+seed; training it again would only add time): the test checks the report's wiring, not its numbers.
+The shipped MedSem-DeID (pretrained/) goes through the same CLI stages and the same report."""
 import hashlib
 import os
 import subprocess
@@ -50,15 +51,20 @@ def test_every_stage_runs_and_a_second_run_is_all_cached(synth_dataset_32, tiny_
     assert "| Method | Rev | arcface_r18 | dlib |" in tab5 and "without a face" not in tab5
     verification = (runs / "report" / "verification.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in verification[1:]] == ["arcface_r18", "dlib"]
-    with Image.open(runs / "grid.png") as grid:
-        assert grid.width >= 4 * 32
-    assert f"grid: {runs / 'grid.png'}" in first
+    # The shipped 64 px model (pretrained/) runs through the same CLI on the 32 px faces (resized) and is scored too.
+    assert "| medsem_deid_pretrained | yes |" in tab5, tab5
+    for name in ("grid.png", "grid_this_run.png"):
+        with Image.open(runs / name) as grid:
+            assert grid.width >= 4 * 32
+    assert f"grid (the shipped model): {runs / 'grid.png'}" in first
+    assert f"grid (this run's model): {runs / 'grid_this_run.png'}" in first
     val = [line for line in (synth_dataset_32.root / "labels.csv").read_text().splitlines()[1:] if ",val," in line]
-    assert len(list((runs / "method" / "deid").rglob("*.png"))) == len(val)
-    assert len(list((runs / "method" / "recovered").rglob("*.png"))) == len(val)
+    for method in ("method", "pretrained_method"):
+        for folder in ("deid", "recovered", "wrong"):
+            assert len(list((runs / method / folder).rglob("*.png"))) == len(val), (method, folder)
     for p in runs.rglob("*"):  # every file written, checkpoints and TensorBoard events included
         assert not p.is_file() or b"a passphrase for the pipeline test" not in p.read_bytes(), p
     before = digests(runs)
     second = pipeline(runs, synth_dataset_32.root)
-    assert second.count("cached:") == 11 and "launch.main" not in second, second
+    assert second.count("cached:") == 15 and "launch.main" not in second, second
     assert digests(runs) == before
