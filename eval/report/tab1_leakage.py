@@ -2,7 +2,6 @@
 each identity model's decision threshold (config.leakage; inputs listed by context.load)."""
 from __future__ import annotations
 
-
 from eval.identity import face_found
 from eval.identity.metrics import identity_leakage_rate
 from eval.report import tools
