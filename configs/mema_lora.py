@@ -17,6 +17,16 @@ Variants:
           UNet learns what each caption's embedding means.  Its export (runs/.../model/) is the
           medical encoder's source for configs/medsem_deid.py:synth.
   :synth_lora  LoRA (rank 8) on the :synth model (pass --config.model.pretrained=<its model/>).
+  :synth_generator  the offline MeMa generator of ``python -m launch.mema_pipeline``: :synth's UNet
+          trained on a few patients (their train split), x0 ("sample") prediction, no min-SNR
+          weighting, EMA 0.995, 1200 steps (~15 min on 2 cores).  Measured here (dlib finds no face
+          in any sample of any of these runs; 24 samples each): v-prediction with min-SNR-5 (its
+          v-loss weight min(SNR, 5) / (SNR + 1) is ~0.005 at the noisiest steps, where a face's
+          layout is decided) sampled colour noise at 500 steps (240 patients); plain v-prediction
+          still sampled noisy face-coloured blobs at 1500 steps (96 patients) and at 1000 (33
+          images): it must learn to pass the noise through at the quiet steps before anything
+          sharpens; x0-prediction drew smooth face ovals with hair by 750 steps (its target is the
+          image itself).  None of these draws eyes: see the README (MeMa offline) for why.
   :tiny   seconds, for tests.
 Choices the paper leaves open:
   * caption dropout 0.1 (empty prompt): the unconditional branch that classifier-free guidance
@@ -36,7 +46,7 @@ import ml_collections
 
 from configs.common import base_config, data_config, make_tiny, parse_arg, use_real_data
 
-VARIANTS = ("paper", "gpu", "synth", "synth_lora", "tiny")
+VARIANTS = ("paper", "gpu", "synth", "synth_lora", "synth_generator", "tiny")
 
 
 def synth_unet(widths=(16, 32, 64), cross_dim=64, heads=4, size=64, attention_levels=1) -> dict:
@@ -101,7 +111,7 @@ def get_config(arg=None):
         c.total_steps = 2000
         c.sample.every = 500
         c.eval_every = 500
-    elif variant in ("synth", "synth_lora", "tiny"):
+    elif variant in ("synth", "synth_lora", "synth_generator", "tiny"):
         c.precision.compute_dtype = "float32"  # XLA:CPU has no fast bf16; fp32 keeps resumes bitwise
         c.mode = "full"
         c.num_epochs = 0
@@ -115,6 +125,13 @@ def get_config(arg=None):
         c.checkpoint_every = 200
         c.log_every = 25
         c.sample.update(every=300, num_seeds=2, steps=20, guidance=2.0)
+    if variant == "synth_generator":
+        c.total_steps = 1200
+        c.noise.update(prediction="sample", min_snr_gamma=0.0)
+        c.ema_decay = 0.995
+        c.eval_every = 0
+        c.checkpoint_every = 250
+        c.sample.every = 0
     if variant == "synth_lora":
         c.mode = "lora"
         c.lora.update(rank=8, alpha=8.0)

@@ -21,15 +21,18 @@ def _cell(image: np.ndarray, height: int) -> Image.Image:
 
 
 def example_grid(rows: Sequence[Sequence[np.ndarray]], column_titles: Sequence[str],
-                 cell_height: int = 160) -> Image.Image:
-    """Images of each row side by side, rows stacked, with column titles on top."""
+                 cell_height: int = 160, row_titles: Sequence[str] = ()) -> Image.Image:
+    """Images of each row side by side, rows stacked, with column titles on top (and row titles on the left)."""
     if not rows:
         raise ValueError("no examples to draw")
     cells = [[_cell(image, cell_height) for image in row] for row in rows]
     widths = [max(row[c].width for row in cells) for c in range(len(column_titles))]
-    grid = Image.new("RGB", (sum(widths), LABEL_HEIGHT + cell_height * len(cells)), BACKGROUND)
+    margin = 8 + 7 * max((len(t) for t in row_titles), default=0) if row_titles else 0
+    grid = Image.new("RGB", (margin + sum(widths), LABEL_HEIGHT + cell_height * len(cells)), BACKGROUND)
     draw = ImageDraw.Draw(grid)
-    x = 0
+    for r, title in enumerate(row_titles):
+        draw.text((2, LABEL_HEIGHT + r * cell_height + cell_height // 2 - 6), title, fill=TEXT)
+    x = margin
     for c, title in enumerate(column_titles):
         draw.text((x + 2, 1), title, fill=TEXT)
         for r, row in enumerate(cells):

@@ -1,6 +1,6 @@
 """The offline MeMa generation run (``python -m launch.mema_pipeline``) at its tiny preset: every
-stage runs as a user would run it, Tab. 1 and Tab. 2 are written, the filtered folder is a MeMa
-folder of the injected samples that passed, and a second run is all cached.  Its two training
+stage runs as a user would run it, Tab. 1, Tab. 2 and the generated images' scores are written, the
+filtered folder is a MeMa folder of the injected samples that passed, and a second run is all cached.  Its two training
 stages that the quickstart shares (the tiny pixel-space UNet, configs/mema_lora.py:tiny in full, and
 the tiny ArcFace, configs/identity.py:tiny) are the suite's shared trained models (conftest.py),
 linked in as cached stages: trained on the quickstart's MeMa-Synth rather than the clinic mix, they
@@ -38,7 +38,8 @@ def test_every_stage_runs_writes_tab1_tab2_and_the_filtered_folder(tmp_path, tin
     assert len(list((runs / "embeddings").glob("*.npz"))) == 2  # Tab. 1's features, reused by the filter
     tab1 = (runs / "tab1" / "tab1_leakage.csv").read_text().splitlines()
     assert tab1[0] == "Row,dlib,arcface_r18,Average"
-    assert [line.split(",")[0] for line in tab1[1:]] == ["Direct sample", "Face injection"]
+    assert [line.split(",")[0] for line in tab1[1:]] == ["Direct sample", "Face injection",
+                                                         "Face injection (IP scale 0.7)", "Face injection (IP scale 1.0)"]
     with open(runs / "tab2" / "tab2_wasserstein.csv", newline="") as f:
         tab2 = {row["Rows"]: row for row in csv.DictReader(f)}
     assert set(tab2) == {"Random sampling", "Real-guided sampling"}
@@ -53,6 +54,10 @@ def test_every_stage_runs_writes_tab1_tab2_and_the_filtered_folder(tmp_path, tin
     kept = sorted((runs / "mema" / "images").glob("*.png"))
     for path in kept:
         assert path.read_bytes() == (runs / "injected" / "images" / path.name).read_bytes()
+    with open(runs / "quality" / "generation_disease.csv", newline="") as f:
+        quality = {row["Set"]: row for row in csv.DictReader(f)}
+    assert list(quality)[2:4] == ["Direct sample", "Face injection"] and list(quality)[0] == "Real val (yardstick)"
+    assert all(0 <= float(row["Mean over diseases"]) <= 1 for row in quality.values())
     assert (runs / "grid.png").is_file() and "Tab. 1:" in first
     second = mema_pipeline(runs, data)
-    assert second.count("cached:") == 14 and "done in" not in second.replace("finished in", "")
+    assert second.count("cached:") == 19 and "done in" not in second.replace("finished in", "")

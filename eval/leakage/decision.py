@@ -10,7 +10,7 @@ import numpy as np
 
 from eval.identity.metrics import GalleryMatch, identity_leakage_rate
 from mema_jax.data import layout
-from eval.leakage.embedding import (FACE_MODES, REAL_PAIRS, Gallery, ImageSet, LeakageFilterError, embed_gallery,
+from eval.leakage.embedding import (FACE_MODES, Gallery, ImageSet, LeakageFilterError, embed_gallery, held_out_pairs,
                                      loaded_models, mean_face, model_names, read_set)
 from eval.leakage.thresholds import (Threshold, check_thresholds, parse_threshold_specs, resolve_thresholds,
                                       split_pair_thresholds)
@@ -84,8 +84,11 @@ def prepare_inputs(models, real, real_split, thresholds, pairs, faces):
 def load_and_resolve(models, detector, given, pairs, pairs_max_side, real_set, faces, cache=None):
     """The loaded models, each one's threshold and the embedded gallery (the slow part of both commands)."""
     loaded = loaded_models(models, detector)
-    if str(pairs).startswith(REAL_PAIRS) and any(n not in given for n in loaded):
-        held_out = read_set(real_set.root, "real", str(pairs)[len(REAL_PAIRS):])
+    held_out_spec = held_out_pairs(pairs)
+    if held_out_spec and any(n not in given for n in loaded):
+        folder, split = held_out_spec
+        held_out = (read_set(real_set.root, "real", split) if folder == "real"
+                    else read_set(folder, "--pairs", split))
         chosen = split_pair_thresholds({n: m for n, m in loaded.items() if n not in given}, held_out, faces,
                                        cache=cache)
         resolved = {n: Threshold(float(given[n]), "given", f"{n}: {float(given[n]):.4f} (given)") if n in given

@@ -25,6 +25,20 @@ EMBED_CHUNK = 64            # images decoded at a time
 REAL_PAIRS = "real:"  # --pairs real:SPLIT: pairs of the real folder's SPLIT (held out of the gallery)
 
 
+def held_out_pairs(pairs) -> tuple[str, str] | None:
+    """``(folder, split)`` of a ``--pairs`` value naming people held out of the gallery: ``real:SPLIT``
+    (folder "real": the real folder's own split) or ``FOLDER:SPLIT`` (a MeMa folder of other people, e.g.
+    the population the identity model was trained on); None for a pairs csv."""
+    if pairs is None:
+        return None
+    head, sep, split = str(pairs).rpartition(":")
+    if not sep:
+        return None
+    if head == REAL_PAIRS[:-1] or (Path(head) / layout.LABELS_FILE).is_file():
+        return head, split
+    return None
+
+
 class LeakageFilterError(InputError, ValueError):
     """Bad input to the filter or Tab. 1; the message names the file, model or option and the problem."""
 

@@ -12,7 +12,7 @@ import numpy as np
 from eval.identity import IdentityModel
 from eval.identity.metrics import best_threshold
 from mema_jax.data import layout
-from eval.leakage.embedding import REAL_PAIRS, EmbeddingCache, ImageSet, LeakageFilterError, embed_set
+from eval.leakage.embedding import REAL_PAIRS, EmbeddingCache, ImageSet, LeakageFilterError, embed_set, held_out_pairs
 
 # -------------------------------------------------------------------------------------- thresholds
 
@@ -55,11 +55,11 @@ def check_thresholds(names: Sequence[str], given: Mapping[str, float], pairs) ->
     if missing and pairs is None:
         raise LeakageFilterError(f"identity model {missing[0]} has no decision threshold: give --threshold "
                                  f"{missing[0]}=T or --pairs PAIRS_CSV (file_x,file_y,Decision) to choose one")
-    if missing and str(pairs).startswith(REAL_PAIRS):
-        split = str(pairs)[len(REAL_PAIRS):]
+    if missing and held_out_pairs(pairs):
+        split = held_out_pairs(pairs)[1]
         if split not in layout.SPLITS:
-            raise LeakageFilterError(f"--pairs {pairs}: unknown split {split!r}; expected {REAL_PAIRS}one of "
-                                     f"{list(layout.SPLITS)}")
+            raise LeakageFilterError(f"--pairs {pairs}: unknown split {split!r}; expected {REAL_PAIRS}SPLIT or "
+                                     f"FOLDER:SPLIT with SPLIT one of {list(layout.SPLITS)}")
         return
     if missing and not Path(pairs).is_file():
         raise LeakageFilterError(f"--pairs {pairs}: file does not exist (needed for the threshold of "
@@ -113,7 +113,7 @@ def split_pair_thresholds(models: Mapping[str, IdentityModel], images: ImageSet,
     try:
         pairs, label = identity_pairs(images.identities, per_kind=per_kind, seed=seed)
     except ValueError:
-        raise LeakageFilterError(f"--pairs {REAL_PAIRS}{images.split}: {images.root / layout.LABELS_FILE} has too few "
+        raise LeakageFilterError(f"--pairs {images.root}:{images.split}: {images.root / layout.LABELS_FILE} has too few "
                                  "identities with two images in that split to make pairs") from None
     people = sorted({i for i in images.identities if i})
     features = embed_set(models, images, "recorded" if faces == "real-mean" else "detect", cache)
@@ -122,7 +122,7 @@ def split_pair_thresholds(models: Mapping[str, IdentityModel], images: ImageSet,
         distances = id_distance(feats[pairs[:, 0]], feats[pairs[:, 1]]).per_pair
         ok = ~np.isnan(distances)
         if ok.sum() < 20:
-            raise LeakageFilterError(f"--pairs {REAL_PAIRS}{images.split}, identity model {name}: only {int(ok.sum())} "
+            raise LeakageFilterError(f"--pairs {images.root}:{images.split}, identity model {name}: only {int(ok.sum())} "
                                      "pairs with a face on both sides")
         value = best_threshold(distances[ok], label[ok])
         accuracy = verification_accuracy(distances[ok], label[ok], shuffle=True, seed=seed).accuracy

@@ -529,3 +529,17 @@ def test_the_embedding_cache_lets_the_filter_reuse_what_tab1_embedded_and_change
     embedded.clear()
     filter_folder(generated, real, tmp_path / "kept_again", models, embedding_cache=cache, **options)
     assert embedded == [1]
+
+
+def test_held_out_pairs_are_the_real_folders_split_or_another_mema_folders(tmp_path):
+    """--pairs real:SPLIT or FOLDER:SPLIT (people held out of the gallery, e.g. the identity model's own
+    population); anything else is a pairs csv."""
+    from eval.leakage.embedding import held_out_pairs
+
+    other = tmp_path / "other people"
+    layout.write_labels(other, [record("a", "images/a.png", "p1", 0)])
+    assert held_out_pairs("real:val") == ("real", "val")
+    assert held_out_pairs(f"{other}:val") == (str(other), "val")
+    assert held_out_pairs(str(tmp_path / "pairs.csv")) is None
+    assert held_out_pairs(f"{tmp_path / 'no such folder'}:val") is None
+    assert held_out_pairs(None) is None
