@@ -11,9 +11,10 @@ Run (argument: VARIANT[,direct][,random]):
   python -m mema_jax.sampling.sampler regenerate --folder=runs/mema/injected --image-id=000007 --out=x.png
 Variants:
   :synth  the offline MeMa-Synth models of ``python -m launch.mema_pipeline`` (runs/mema/): the
-          64 px pixel-space UNet (configs/mema_lora.py:synth), its IP-Adapter, trained on the
-          clinic-weighted MeMa-Synth set (the "real patients"); public faces = healthy MeMa-Synth
-          faces of other people (another seed), metadata from their labels.
+          64 px pixel-space UNet (configs/mema_lora.py:synth_generator) trained on the "real
+          patients" (data/mema_synth_64_patients, whose statistics the real-guided sampling follows),
+          its IP-Adapter trained on the population; public faces = healthy MeMa-Synth faces of
+          other people (another seed), metadata from their labels.
   :paper  SD1.5 + the MeMa LoRA, 512 px, 50 DDIM steps, guidance 7.5, 42307 images (MeMa's size),
           FFHQ as the public faces, bf16.
   :tiny   seconds, for tests.
@@ -60,7 +61,7 @@ def get_config(arg=None):
         "ip_adapter": f"{RUNS}/ip_adapter/ip_adapter/ip-adapter.safetensors",
         "image_encoder": f"{RUNS}/image_encoder",  # CLIP vision tower folder the IP-Adapter was trained with
     })
-    c.real = ml_collections.ConfigDict({"root": "data/mema_synth_64_clinic", "split": "train"})
+    c.real = ml_collections.ConfigDict({"root": "data/mema_synth_64_patients", "split": "train"})
     c.public_faces = ml_collections.ConfigDict({"folder": "data/mema_synth_64_public", "metadata": ""})
 
     c.sample = ml_collections.ConfigDict({
