@@ -15,7 +15,7 @@ it runs), each cached (a stage whose output exists is skipped; a rerun resumes a
               (data/mema_synth_64_patients); their train split is what the generator sees
   public      the public faces: 400 healthy MeMa-Synth faces of other people (another seed), and
               their metadata table (image, age, gender) from their labels (data/mema_synth_64_public)
-  unet        the patient model: the small pixel-space UNet (configs/mema_lora.py:synth) trained on
+  unet        the patient model: the small pixel-space UNet (configs/mema_lora.py:synth_generator) on
               the patients' captions "A face, eye with {disease}"
   encoder     a CLIP vision tower for the IP-Adapter, random weights saved in transformers' format
               (no CLIP weights offline; a user passes openai/clip-vit-large-patch14's folder)
