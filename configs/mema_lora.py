@@ -17,16 +17,23 @@ Variants:
           UNet learns what each caption's embedding means.  Its export (runs/.../model/) is the
           medical encoder's source for configs/medsem_deid.py:synth.
   :synth_lora  LoRA (rank 8) on the :synth model (pass --config.model.pretrained=<its model/>).
-  :synth_generator  the offline MeMa generator of ``python -m launch.mema_pipeline``: :synth's UNet
-          trained on a few patients (their train split), x0 ("sample") prediction, no min-SNR
-          weighting, EMA 0.995, 1200 steps (~15 min on 2 cores).  Measured here (dlib finds no face
-          in any sample of any of these runs; 24 samples each): v-prediction with min-SNR-5 (its
-          v-loss weight min(SNR, 5) / (SNR + 1) is ~0.005 at the noisiest steps, where a face's
-          layout is decided) sampled colour noise at 500 steps (240 patients); plain v-prediction
-          still sampled noisy face-coloured blobs at 1500 steps (96 patients) and at 1000 (33
-          images): it must learn to pass the noise through at the quiet steps before anything
-          sharpens; x0-prediction drew smooth face ovals with hair by 750 steps (its target is the
-          image itself).  None of these draws eyes: see the README (MeMa offline) for why.
+  :synth_generator  the offline MeMa generator of ``python -m launch.mema_pipeline``: a UNet built
+          here on the patients' train split (few people, so that it can memorise them, as the paper's
+          LoRA does its patients), working on lossless 4x4 patches of the 64 px image
+          (``model.latents="patches"``, mema_jax.models.patch_vae: 16x16x48 "latents", SD1.5's VAE
+          role without a VAE to train or its blur), widths 64-128-256 with self/cross-attention at
+          8x8 and 4x4; x0 ("sample") prediction with x0-MSE weights clip(SNR, 1, 5) (min-SNR-5's cap,
+          floored at 1); EMA 0.995; 1800 steps at batch 16 (~15 min on 2 cores).  Why (each run ~15
+          min here, samples viewed, dlib HOG at 2x on direct samples):
+            - on pixels (widths 16-32-64 at 64/32/16 px, the widths 2 cores afford there) nothing
+              drew eyes: v-prediction with min-SNR-5 sampled colour noise at 500 steps, plain v noisy
+              blobs at 1500, x0 smooth ovals with hair by 750 (faces found 0.8%, README, stop 31);
+            - the same compute on 4x4 patches buys 4x the width at every level (a step: 0.50 s vs
+              0.71 s at batch 16): x0 with weight 1 drew blurred faces with eyes at 1800 steps
+              (faces found 10.9% vs 45.5% on real validation images);
+            - clip(SNR, 1, 5) weights: sharper eyes and lids by step 600 than weight 1 at the same
+              step (the quiet steps, which draw them, count up to 5x).
+          ``tiny_generator`` is the same design at 32 px for tests.
   :tiny   seconds, for tests.
 Choices the paper leaves open:
   * caption dropout 0.1 (empty prompt): the unconditional branch that classifier-free guidance
@@ -46,17 +53,21 @@ import ml_collections
 
 from configs.common import base_config, data_config, make_tiny, parse_arg, use_real_data
 
-VARIANTS = ("paper", "gpu", "synth", "synth_lora", "synth_generator", "tiny")
+VARIANTS = ("paper", "gpu", "synth", "synth_lora", "synth_generator", "tiny", "tiny_generator")
+GENERATOR_PATCH = 4  # :synth_generator's UNet works on 4x4 patches: 16x16x48 at 64 px
+GENERATOR_STEPS = 1800
+GENERATOR_GAMMA = 5.0
 
 
-def synth_unet(widths=(16, 32, 64), cross_dim=64, heads=4, size=64, attention_levels=1) -> dict:
-    """diffusers UNet2DConditionModel kwargs of the small pixel-space UNet.  Attention (self and
-    cross) only at the coarsest level(s): measured on 2 CPU cores at 64 px, batch 32, a second
-    attention level (32x32 tokens) makes a step 3.7x slower (3.4 s vs 12.6 s for widths 32-64-128)."""
+def synth_unet(widths=(16, 32, 64), cross_dim=64, heads=4, size=64, attention_levels=1, channels=3) -> dict:
+    """diffusers UNet2DConditionModel kwargs of the small UNet (``channels``: 3 on pixels, 48 on
+    4x4 patches).  Attention (self and cross) only at the coarsest level(s): measured on 2 CPU
+    cores at 64 px, batch 32, a second attention level (32x32 tokens) makes a step 3.7x slower
+    (3.4 s vs 12.6 s for widths 32-64-128)."""
     n = len(widths)
     plain = n - attention_levels
     return {
-        "in_channels": 3, "out_channels": 3, "sample_size": size, "block_out_channels": list(widths),
+        "in_channels": channels, "out_channels": channels, "sample_size": size, "block_out_channels": list(widths),
         "layers_per_block": 1, "norm_num_groups": 8, "cross_attention_dim": cross_dim, "attention_head_dim": heads,
         "down_block_types": ["DownBlock2D"] * plain + ["CrossAttnDownBlock2D"] * attention_levels,
         "up_block_types": ["CrossAttnUpBlock2D"] * attention_levels + ["UpBlock2D"] * plain,
@@ -74,7 +85,9 @@ def get_config(arg=None):
 
     c.model = ml_collections.ConfigDict()
     c.model.pretrained = ""  # a diffusers pipeline folder; "" = build the :synth model here
-    c.model.latents = "auto"  # "auto": VAE latents when the folder has vae/, else pixels; "pixels": never a VAE
+    c.model.latents = "auto"  # "auto": VAE latents when the folder has vae/, else pixels; "pixels": never a VAE;
+    # "patches": a model built here on lossless patch_size x patch_size patches (mema_jax.models.patch_vae)
+    c.model.patch_size = 4
     c.model.unet = ml_collections.ConfigDict(synth_unet())
     c.model.text_encoder = ml_collections.ConfigDict({"hidden_size": 64, "intermediate_size": 128,
                                                       "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -111,7 +124,7 @@ def get_config(arg=None):
         c.total_steps = 2000
         c.sample.every = 500
         c.eval_every = 500
-    elif variant in ("synth", "synth_lora", "synth_generator", "tiny"):
+    elif variant in ("synth", "synth_lora", "synth_generator", "tiny", "tiny_generator"):
         c.precision.compute_dtype = "float32"  # XLA:CPU has no fast bf16; fp32 keeps resumes bitwise
         c.mode = "full"
         c.num_epochs = 0
@@ -125,12 +138,18 @@ def get_config(arg=None):
         c.checkpoint_every = 200
         c.log_every = 25
         c.sample.update(every=300, num_seeds=2, steps=20, guidance=2.0)
-    if variant == "synth_generator":
-        c.total_steps = 1200
-        c.noise.update(prediction="sample", min_snr_gamma=0.0)
+    if variant in ("synth_generator", "tiny_generator"):
+        c.model.latents = "patches"
+        c.model.patch_size = GENERATOR_PATCH
+        channels = 3 * GENERATOR_PATCH ** 2
+        c.model.unet = ml_collections.ConfigDict(synth_unet(widths=(64, 128, 256), cross_dim=64, heads=8,
+                                                            size=64 // GENERATOR_PATCH, attention_levels=2,
+                                                            channels=channels))
+        c.total_steps = GENERATOR_STEPS
+        c.noise.update(prediction="sample", min_snr_gamma=GENERATOR_GAMMA)
         c.ema_decay = 0.995
         c.eval_every = 0
-        c.checkpoint_every = 250
+        c.checkpoint_every = 300
         c.sample.every = 0
     if variant == "synth_lora":
         c.mode = "lora"
@@ -138,6 +157,12 @@ def get_config(arg=None):
         c.ema_decay = 0.0
         c.total_steps = 600
         c.optim.update(lr=5e-4, warmup_steps=20)
+    if variant == "tiny_generator":  # the generator's design at 32 px, for tests (8x8x48 patches)
+        make_tiny(c, total_steps=60, checkpoint_every=30)
+        c.model.unet = ml_collections.ConfigDict(synth_unet(widths=(32, 64), cross_dim=32, heads=4,
+                                                            size=32 // GENERATOR_PATCH, channels=channels))
+        c.model.text_encoder.update(hidden_size=32, intermediate_size=64, num_attention_heads=2, projection_dim=32)
+        c.ema_decay = 0.0
     if variant == "tiny":
         make_tiny(c, eval_every=12)
         c.model.unet = ml_collections.ConfigDict(synth_unet(widths=(16, 32), cross_dim=32, heads=2, size=32))

@@ -11,7 +11,7 @@ Run (argument: VARIANT[,direct][,random]):
   python -m mema_jax.sampling.sampler regenerate --folder=runs/mema/injected --image-id=000007 --out=x.png
 Variants:
   :synth  the offline MeMa-Synth models of ``python -m launch.mema_pipeline`` (runs/mema/): the
-          64 px pixel-space UNet (configs/mema_lora.py:synth_generator) trained on the "real
+          64 px UNet on lossless 4x4 patches (configs/mema_lora.py:synth_generator) trained on the "real
           patients" (data/mema_synth_64_patients, whose statistics the real-guided sampling follows),
           its IP-Adapter trained on the population; public faces = healthy MeMa-Synth faces of
           other people (another seed), metadata from their labels.

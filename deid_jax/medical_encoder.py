@@ -31,9 +31,9 @@ from mema_jax.fileio import atomic_folder, atomic_write_bytes
 from mema_jax.models import lora, param_tree, weights
 from mema_jax.models.convert_clip import load_clip_text, load_tokenizer, tokenize
 from mema_jax.models.convert_unet import load_unet
-from mema_jax.models.convert_vae import load_vae
+from mema_jax.models.convert_vae import load_vae, vae_from_config
 from mema_jax.models.unet import UNet2DConditionModel, UNetConfig
-from mema_jax.models.vae import AutoencoderKL, VAEConfig
+from mema_jax.models.vae import AutoencoderKL
 from mema_jax.schedulers import DDPMConfig, ddpm, read_scheduler_config
 
 KINDS = ("diffusion", "vit")
@@ -59,7 +59,7 @@ def _diffusion_apply(unet: UNet2DConditionModel, vae: AutoencoderKL | None, num_
     def apply(params, images):
         x = images
         if vae is not None:
-            x = vae.apply({"params": params["vae"]}, images, method=AutoencoderKL.encode).mode() * vae.config.scaling_factor
+            x = vae.apply({"params": params["vae"]}, images, method="encode").mode() * vae.config.scaling_factor
         noise = jax.random.normal(jax.random.key(NOISE_SEED), x.shape[1:], x.dtype)
         x = signal * x + sigma * noise[None]
         context = jnp.broadcast_to(params["context"], (x.shape[0],) + params["context"].shape[1:])
@@ -129,7 +129,7 @@ def _vit_apply(module):
 def _build(settings: dict, params) -> MedicalEncoder:
     if settings["kind"] == "diffusion":
         unet = UNet2DConditionModel(UNetConfig.from_dict(settings["unet"]))
-        vae = None if settings["vae"] is None else AutoencoderKL(VAEConfig.from_dict(settings["vae"]))
+        vae = None if settings["vae"] is None else vae_from_config(settings["vae"])
         apply = _diffusion_apply(unet, vae, settings["num_down_blocks"], settings["timestep"],
                                  np.asarray(settings["alphas_cumprod"], np.float32))
         channels = unet.config.block_out_channels[settings["num_down_blocks"] - 1]

@@ -4,6 +4,7 @@ Runs are the :tiny variant (32 px MeMa-Synth, a two-level pixel-space UNet, a ra
 tower) in subprocesses; each takes seconds after a ~20 s compile.
 """
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -190,3 +191,42 @@ def test_lora_on_a_latent_model_trains_through_its_vae_and_diffusers_loads_the_f
         theirs = pipe.unet(latents, torch.tensor([300, 300]), torch.from_numpy(context)).sample.numpy()
     assert rel_err(ours, plain) > 1e-4  # trained: the LoRA moved the output ...
     assert rel_err(theirs, ours) <= 1e-5  # ... and diffusers, loading our file, moves it the same way
+
+
+def _rms_to_nearest(samples, references):
+    """Per sample: the RMS pixel difference ([0, 1] scale) to its nearest reference image."""
+    d = samples.reshape(len(samples), 1, -1) - references.reshape(1, len(references), -1)
+    return np.sqrt(np.mean(np.square(d), axis=-1)).min(axis=1)
+
+
+def test_tiny_generator_on_patches_draws_nearer_its_data_than_at_step_0(tmp_path, synth_dataset_32):
+    """configs/mema_lora.py:tiny_generator, the offline MeMa generator's design at 32 px (a UNet on
+    lossless 4x4 patches, x0-prediction, clip(SNR, 1, 5) weights), 60 steps: its export is a pipeline
+    folder whose vae/ is the patch transform, and its DDIM samples lie nearer the training images
+    than the same sampler's with the untrained weights it started from.  Figure: each sample's RMS
+    distance to its nearest training image, averaged.  Measured: 0.124 trained vs 0.273 at step 0;
+    asked: 25% nearer (a 60-step run draws face-coloured shapes on the right background, not noise)."""
+    from flax import linen as nn
+
+    from mema_jax.data import captions, layout
+    from mema_jax.models.unet import init_params
+    from mema_jax.pipelines.text_to_image import StableDiffusionPipeline
+
+    result = subprocess.run([sys.executable, "-m", "launch.main", "--config=configs/mema_lora.py:tiny_generator",
+                             f"--workdir={tmp_path}", f"--config.data.root={synth_dataset_32.root}"],
+                            cwd=REPO, env=run_env(1), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    folder = tmp_path / "model"
+    assert json.loads((folder / "vae" / "config.json").read_text())["_class_name"] == "PatchAutoencoder"
+    pipe = StableDiffusionPipeline.from_folder(folder)
+    prompts = [captions.caption(d) for d in layout.DISEASES] * 2
+    kw = dict(num_inference_steps=10, guidance_scale=2.0, seed=0, height=32, width=32, output_type="float")
+    trained = pipe(prompts, **kw)
+    pipe.unet_params = nn.unbox(init_params(pipe.unet, jax.random.key(0), sample_shape=(1, 8, 8)))
+    untrained = pipe(prompts, **kw)
+    from PIL import Image
+
+    train = np.stack([np.asarray(Image.open(synth_dataset_32.root / r.image).convert("RGB"), np.float32) / 255
+                      for r in synth_dataset_32.split("train")])
+    near_trained, near_untrained = _rms_to_nearest(trained, train).mean(), _rms_to_nearest(untrained, train).mean()
+    assert near_trained < 0.75 * near_untrained, (near_trained, near_untrained)

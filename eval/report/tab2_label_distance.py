@@ -1,7 +1,7 @@
 r"""Tab. 2: Wasserstein distance between label sets (disease, age, gender): per configured row of
 eval.report (config.label_distances), or on its own for sampled sets against the real one:
 
-  python -m eval.report.tab2_label_distance --real data/mema_synth_64_clinic --real-split train \
+  python -m eval.report.tab2_label_distance --real data/mema_synth_64_patients --real-split train \
       --row "Random sampling=runs/mema/random" --row "Real-guided sampling=runs/mema/injected" --out runs/mema/tables
 
 writes ``<out>/tab2_wasserstein.md`` and ``.csv``.  Age distances are W1 of ages / ``--age-scale``

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mema_jax.models import weights
+from mema_jax.models import patch_vae, weights
 from mema_jax.models.convert_diffusers import diffusers_key, load_component, rename_by_prefix, save_component
 from mema_jax.models.vae import AutoencoderKL, VAEConfig, init_params
 
@@ -99,9 +99,24 @@ def vae_params_from_state_dict(module: AutoencoderKL, flat: Mapping[str, np.ndar
     return weights.load_into(abstract, flat, key_map, source=source, mesh=mesh, rules=rules)
 
 
+def vae_from_config(config: Mapping, **kw):
+    """The VAE module a config dict describes: ``PatchAutoencoder`` (the offline generator's
+    lossless patches, mema_jax.models.patch_vae) or diffusers' ``AutoencoderKL``."""
+    if config.get("_class_name") == patch_vae.CLASS_NAME:
+        return patch_vae.PatchAutoencoder(patch_vae.PatchConfig.from_dict(config), dtype=kw.get("dtype", jnp.float32))
+    return AutoencoderKL(VAEConfig.from_dict(config), **kw)
+
+
 def load_vae(path, *, config=None, dtype=jnp.float32, param_dtype=jnp.float32, attention_impl: str = "xla",
              remat: str = "none", mesh=None, rules=None):
-    """-> (AutoencoderKL, params) from a diffusers vae folder or a weight file (+ ``config``)."""
+    """-> (AutoencoderKL, params) from a diffusers vae folder or a weight file (+ ``config``);
+    (PatchAutoencoder, {}) from a folder whose config.json names it (it has no weights)."""
+    raw = weights.read_config(path, config)
+    if raw.get("_class_name") == patch_vae.CLASS_NAME:
+        try:
+            return patch_vae.PatchAutoencoder(patch_vae.PatchConfig.from_dict(raw), dtype=dtype), {}
+        except ValueError as err:
+            raise weights.WeightsError(f"{path}: {err}") from err
     return load_component(
         path, config, VAEConfig.from_dict,
         lambda c: AutoencoderKL(c, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, remat=remat),
@@ -110,5 +125,9 @@ def load_vae(path, *, config=None, dtype=jnp.float32, param_dtype=jnp.float32, a
 
 def save_vae(folder, module: AutoencoderKL, params) -> None:
     """Writes ``config.json`` and ``diffusion_pytorch_model.safetensors`` (diffusers format) into
-    ``folder``; refuses to overwrite either (FileExistsError), as every saver here does."""
+    ``folder``; refuses to overwrite either (FileExistsError), as every saver here does.  A
+    ``PatchAutoencoder`` has no weights: its folder is the config.json alone."""
+    if isinstance(module, patch_vae.PatchAutoencoder):
+        weights.write_model_folder(folder, None, {}, module.config.to_dict())
+        return
     save_component(folder, module.config.to_dict(), params, vae_key_map(params))

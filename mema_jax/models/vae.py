@@ -257,6 +257,10 @@ class AutoencoderKL(nn.Module):
     def shift_factor(self) -> float | None:
         return self.config.shift_factor
 
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
     def encode(self, x) -> DiagonalGaussian:
         moments = self.encoder(constrain(x.astype(self.dtype), IMAGE_AXES))
         if self.config.use_quant_conv:

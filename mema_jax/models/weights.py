@@ -262,19 +262,21 @@ def read_config(path: str | os.PathLike, config: Mapping[str, Any] | str | os.Pa
         raise WeightsError(f"{path}: cannot read the model config {os.fspath(config)}: {err}") from err
 
 
-def write_model_folder(folder: str | os.PathLike, weights_file: str, tensors: Mapping[str, np.ndarray],
+def write_model_folder(folder: str | os.PathLike, weights_file: str | None, tensors: Mapping[str, np.ndarray],
                        config: Mapping[str, Any]) -> None:
-    """Writes ``config.json`` and the safetensors file ``weights_file`` into ``folder`` (created if
-    needed): the one rule of every saver here.  An existing config.json or weights file is never
-    overwritten -- FileExistsError before anything is written; each file is written atomically."""
+    """Writes ``config.json`` and the safetensors file ``weights_file`` (None: a model without
+    weights, config.json alone) into ``folder`` (created if needed): the one rule of every saver
+    here.  An existing config.json or weights file is never overwritten -- FileExistsError before
+    anything is written; each file is written atomically."""
     folder = os.fspath(folder)
-    targets = [os.path.join(folder, name) for name in (weights_file, "config.json")]
+    targets = [os.path.join(folder, name) for name in (weights_file, "config.json") if name is not None]
     taken = [t for t in targets if os.path.exists(t)]
     if taken:
         raise FileExistsError(f"{', '.join(taken)} exists; refusing to overwrite it (save into a new folder)")
     os.makedirs(folder, exist_ok=True)
-    write_safetensors(targets[0], tensors, {"format": "pt"})
-    write_json(targets[1], config)
+    if weights_file is not None:
+        write_safetensors(targets[0], tensors, {"format": "pt"})
+    write_json(targets[-1], config)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def _encode_text(text_encoder, params, ids):
 
 @functools.partial(jit, static_argnames=("vae",))
 def _decode_latents(vae, params, latents):
-    return vae.apply({"params": params}, latents / vae.scaling_factor, method=AutoencoderKL.decode)
+    return vae.apply({"params": params}, latents / vae.scaling_factor, method="decode")  # AutoencoderKL or PatchAutoencoder
 
 
 @functools.partial(jit, static_argnames=("unet", "use_guidance"))
@@ -128,7 +128,7 @@ class StableDiffusionPipeline:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return 1 if self.vae is None else self.vae.downsample_factor
 
     def scheduler_state(self, scheduler: str, num_inference_steps: int):
         if scheduler == "ddim":

@@ -220,7 +220,7 @@ def microbatch_images(unet, text_encoder, vae, use_guidance: bool, num_tokens: i
                               use_guidance=use_guidance)
     if vae is None:
         return latents
-    return vae.apply({"params": params["vae"]}, latents / vae.scaling_factor, method=AutoencoderKL.decode)
+    return vae.apply({"params": params["vae"]}, latents / vae.scaling_factor, method="decode")
 
 
 @functools.partial(jit, static_argnames=("module",))

@@ -16,7 +16,8 @@ training captions carry no severity); with probability ``caption.dropout`` a cap
 empty prompt, so the model also learns the unconditional branch that classifier-free guidance
 subtracts.  DDPM noise at uniform timesteps, epsilon or v-prediction targets, optional min-SNR-γ
 weighting, optional EMA.  Latents: the frozen VAE encodes each batch inside the step (SD1.5), or
-the model works on pixels (a folder without vae/, or ``model.latents="pixels"``).
+the model works on pixels (a folder without vae/, or ``model.latents="pixels"``), or a model built
+here works on lossless patches (``model.latents="patches"``, mema_jax.models.patch_vae).
 
 Every ``sample.every`` steps a grid (one row per prompt, one column per seed; DDIM) goes to
 ``<workdir>/samples/step_XXXXXX.png`` and TensorBoard.  At the end the trained part is exported:
@@ -45,7 +46,7 @@ from mema_jax.core.compile import jit
 from mema_jax.core.optim import make_optimizer
 from mema_jax.data import captions, layout, pipeline, tfds_mema
 from mema_jax.fileio import atomic_folder, atomic_write_bytes, write_png
-from mema_jax.models import ip_adapter, lora
+from mema_jax.models import ip_adapter, lora, patch_vae
 from mema_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from mema_jax.models.convert_clip import load_clip_text, load_clip_vision, load_tokenizer, save_clip_text, tokenize
 from mema_jax.models.convert_unet import load_unet, save_unet
@@ -59,6 +60,9 @@ from mema_jax.schedulers import DDPMConfig, ddpm, read_scheduler_config
 from mema_jax.trainers import common
 
 MODES = ("lora", "full", "ip_adapter")
+# model.latents: "auto" (a pretrained folder's vae/, else pixels), "pixels" (never a VAE), "patches"
+# (a model built here on lossless patch_size x patch_size patches, mema_jax.models.patch_vae).
+LATENTS = ("auto", "pixels", "patches")
 # SD1.5's training noise schedule (its scheduler_config.json), for models built here from scratch.
 SD15_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
                   "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False,
@@ -92,6 +96,11 @@ def load_models(config, mesh, rules, workdir: Path) -> Models:
     MeMa prompts, and no VAE (pixel space)."""
     m = config.model
     kw = dict(mesh=mesh, rules=rules, dtype=jnp.dtype(config.precision.compute_dtype))
+    if m.latents not in LATENTS:
+        raise ValueError(f"model.latents is {m.latents!r}; choose one of {LATENTS}")
+    if m.latents == "patches" and m.pretrained:
+        raise ValueError("model.latents='patches' builds the model here; a pretrained folder brings its own vae/ "
+                         "(leave model.latents='auto')")
     if m.pretrained:
         folder = Path(m.pretrained)
         for part in ("unet", "text_encoder", "tokenizer", "scheduler"):
@@ -101,8 +110,6 @@ def load_models(config, mesh, rules, workdir: Path) -> Models:
         unet, unet_params = load_unet(folder / "unet", **kw)
         text, text_params = load_clip_text(folder / "text_encoder", **kw)
         vae = vae_params = None
-        if m.latents not in ("auto", "pixels"):
-            raise ValueError(f"model.latents is {m.latents!r}; choose 'auto' or 'pixels'")
         if (folder / "vae").is_dir() and m.latents == "auto":
             vae, vae_params = load_vae(folder / "vae", **kw)
         models = Models(unet, unet_params, text, text_params, str(folder / "tokenizer"),
@@ -119,11 +126,15 @@ def load_models(config, mesh, rules, workdir: Path) -> Models:
         text = CLIPTextModel(text_config, dtype=kw["dtype"])
         boxed = text.init(jax.random.fold_in(jax.random.key(config.seed), 1), jnp.zeros((1, 77), jnp.int32))["params"]
         text_params, _ = ts.place_frozen(boxed, mesh, rules)
-        if unet.config.in_channels != 3:
-            raise ValueError(f"model.unet: a UNet built here works on pixels (no VAE), so it needs 3 input "
-                             f"channels, got {unet.config.in_channels}")
+        vae = None
+        if m.latents == "patches":
+            vae = patch_vae.PatchAutoencoder(patch_vae.PatchConfig(patch_size=m.patch_size), dtype=kw["dtype"])
+        channels = 3 if vae is None else vae.config.latent_channels
+        if unet.config.in_channels != channels or unet.config.out_channels != channels:
+            raise ValueError(f"model.unet: a UNet built here on {m.latents} needs {channels} input and output "
+                             f"channels, got {unet.config.in_channels} and {unet.config.out_channels}")
         models = Models(unet, None, text, text_params, str(tokenizer_folder), dict(SD15_SCHEDULER,
-                        prediction_type=config.noise.prediction))
+                        prediction_type=config.noise.prediction), vae, None if vae is None else {})
     if config.mode == "ip_adapter":
         models.image_encoder, models.image_encoder_params = load_clip_vision(config.ip_adapter.image_encoder, **kw)
     if config.mode in ("lora", "ip_adapter") and models.unet_params is None:
@@ -147,11 +158,16 @@ def caption_table(models: Models, config) -> tuple[np.ndarray, np.ndarray]:
 
 
 def snr_weights(alphas_cumprod, timesteps, prediction: str, gamma: float):
-    """min-SNR-γ (Hang et al. 2023): min(SNR, γ) / SNR for epsilon, / (SNR + 1) for v; 1 when γ = 0."""
+    """min-SNR-γ (Hang et al. 2023): min(SNR, γ) / SNR for epsilon, / (SNR + 1) for v; for x0
+    ("sample") the x0-MSE weight clip(SNR, 1, γ): min-SNR's cap, floored at 1 (Salimans & Ho's
+    truncated SNR) so the noisiest steps, where a face's layout is decided, keep their weight while
+    the quiet steps that draw the eyes count up to γ times more.  1 when γ = 0."""
     if not gamma:
         return jnp.ones(timesteps.shape, jnp.float32)
     a = alphas_cumprod[timesteps]
     snr = a / (1.0 - a)
+    if prediction == "sample":
+        return jnp.clip(snr, 1.0, max(gamma, 1.0))
     clipped = jnp.minimum(snr, gamma)
     return clipped / snr if prediction == "epsilon" else clipped / (snr + 1.0)
 
