@@ -127,13 +127,18 @@ def test_killed_lora_run_resumes_bit_for_bit(base_model, straight_lora, tmp_path
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_ip_adapter_training_changes_only_its_own_weights(base_model, tmp_path, synth_dataset_32):
+def write_image_encoder(folder):
+    """A tiny random CLIP vision tower (32 px), saved in transformers' format."""
     encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                              num_attention_heads=2, image_size=32, patch_size=8,
                                                              projection_dim=24))
     params = encoder.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
-    save_clip_vision(tmp_path / "image_encoder", encoder, jax.tree.map(lambda b: b.value, params,
-                                                                       is_leaf=lambda x: hasattr(x, "names")))
+    save_clip_vision(folder, encoder, jax.tree.map(lambda b: b.value, params, is_leaf=lambda x: hasattr(x, "names")))
+    return folder
+
+
+def test_ip_adapter_training_changes_only_its_own_weights(base_model, tmp_path, synth_dataset_32):
+    write_image_encoder(tmp_path / "image_encoder")
     model = base_model / "model"
     before = folder_digest(model)
     workdir = tmp_path / "ip"
@@ -205,7 +210,8 @@ def test_tiny_generator_on_patches_draws_nearer_its_data_than_at_step_0(tmp_path
     folder whose vae/ is the patch transform, and its DDIM samples lie nearer the training images
     than the same sampler's with the untrained weights it started from.  Figure: each sample's RMS
     distance to its nearest training image, averaged.  Measured: 0.124 trained vs 0.273 at step 0;
-    asked: 25% nearer (a 60-step run draws face-coloured shapes on the right background, not noise)."""
+    asked: 25% nearer (a 60-step run draws face-coloured shapes on the right background, not noise).
+    Then, as launch.mema_pipeline does next, an IP-Adapter trains on it and samples through the patches."""
     from flax import linen as nn
 
     from mema_jax.data import captions, layout
@@ -230,3 +236,30 @@ def test_tiny_generator_on_patches_draws_nearer_its_data_than_at_step_0(tmp_path
                       for r in synth_dataset_32.split("train")])
     near_trained, near_untrained = _rms_to_nearest(trained, train).mean(), _rms_to_nearest(untrained, train).mean()
     assert near_trained < 0.75 * near_untrained, (near_trained, near_untrained)
+    # launch.mema_pipeline's next stage: its IP-Adapter trains on the patch model (same config, mode=ip_adapter)
+    ip = subprocess.run([sys.executable, "-m", "launch.main", "--config=configs/mema_lora.py:tiny_generator",
+                         f"--workdir={tmp_path / 'ip'}", f"--config.data.root={synth_dataset_32.root}",
+                         "--config.mode=ip_adapter", f"--config.model.pretrained={folder}", "--config.total_steps=2",
+                         f"--config.ip_adapter.image_encoder={write_image_encoder(tmp_path / 'image_encoder')}",
+                         "--config.sample.every=2"], cwd=REPO, env=run_env(1), capture_output=True, text=True, timeout=900)
+    assert ip.returncode == 0, ip.stdout[-3000:] + ip.stderr[-3000:]
+    assert (tmp_path / "ip" / "ip_adapter" / "ip-adapter.safetensors").is_file()
+    assert (tmp_path / "ip" / "samples" / "step_000002.png").is_file()  # sampled through the patches with injection
+
+
+def test_x0_loss_weights_are_snr_clipped_to_1_and_gamma():
+    """x0-prediction's weights (the generator's): clip(SNR, 1, γ); γ = 0 leaves every step at 1;
+    epsilon keeps min-SNR-γ's min(SNR, γ) / SNR."""
+    from mema_jax.schedulers import DDPMConfig, ddpm
+    from mema_jax.trainers.diffusion import SD15_SCHEDULER, snr_weights
+
+    acp = jnp.asarray(ddpm.alphas_cumprod(DDPMConfig.from_config(
+        {k: v for k, v in SD15_SCHEDULER.items() if k in ("num_train_timesteps", "beta_start", "beta_end",
+                                                          "beta_schedule")})))
+    t = jnp.arange(1000)
+    snr = np.asarray(acp / (1 - acp))
+    w = np.asarray(snr_weights(acp, t, "sample", 5.0))
+    np.testing.assert_allclose(w, np.clip(snr, 1.0, 5.0), rtol=1e-6)
+    assert w[0] == 5.0 and w[-1] == 1.0  # the quietest step counts 5x, the noisiest once
+    np.testing.assert_array_equal(np.asarray(snr_weights(acp, t, "sample", 0.0)), np.ones(1000))
+    np.testing.assert_allclose(np.asarray(snr_weights(acp, t, "epsilon", 5.0)), np.minimum(snr, 5.0) / snr, rtol=1e-6)

@@ -98,9 +98,6 @@ def load_models(config, mesh, rules, workdir: Path) -> Models:
     kw = dict(mesh=mesh, rules=rules, dtype=jnp.dtype(config.precision.compute_dtype))
     if m.latents not in LATENTS:
         raise ValueError(f"model.latents is {m.latents!r}; choose one of {LATENTS}")
-    if m.latents == "patches" and m.pretrained:
-        raise ValueError("model.latents='patches' builds the model here; a pretrained folder brings its own vae/ "
-                         "(leave model.latents='auto')")
     if m.pretrained:
         folder = Path(m.pretrained)
         for part in ("unet", "text_encoder", "tokenizer", "scheduler"):
@@ -110,8 +107,11 @@ def load_models(config, mesh, rules, workdir: Path) -> Models:
         unet, unet_params = load_unet(folder / "unet", **kw)
         text, text_params = load_clip_text(folder / "text_encoder", **kw)
         vae = vae_params = None
-        if (folder / "vae").is_dir() and m.latents == "auto":
+        if (folder / "vae").is_dir() and m.latents in ("auto", "patches"):
             vae, vae_params = load_vae(folder / "vae", **kw)
+        if m.latents == "patches" and not isinstance(vae, patch_vae.PatchAutoencoder):
+            raise WeightsError(f"{folder}: model.latents='patches', but its vae/ is not a PatchAutoencoder "
+                               "(a model trained on patches exports one; use model.latents='auto' for others)")
         models = Models(unet, unet_params, text, text_params, str(folder / "tokenizer"),
                         read_scheduler_config(folder / "scheduler"), vae, vae_params)
     else:

@@ -15,22 +15,12 @@ import torch
 
 from eval.medical.classification import load_classifier, train_classifier
 from eval.report import generation_quality as gq
-from mema_jax.data.layout import DISEASES, Record, read_dataset, write_labels, write_png
+from flat_colours import flat_colour_rows, write_mema
+from mema_jax.data.layout import DISEASES, read_dataset
 
-COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-           (70, 240, 240), (240, 50, 230)]
 SPLIT_SIZES = {"train": 6, "val": 4}  # images per class
 TRAIN_ARGS = {"epochs": 8, "batch_size": 16, "lr": 2e-3, "image_size": 32, "warmup_epochs": 0.5, "seed": 0,
               "device": "cpu"}
-
-
-def _write(root, rows):
-    records = []
-    for image_id, image, disease, split in rows:
-        write_png(root / "images" / f"{image_id}.png", image)
-        records.append(Record(image_id, f"images/{image_id}.png", disease, "", 40, "female", split, "", ""))
-    write_labels(root, records)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +28,14 @@ def case(tmp_path_factory):
     torch.set_num_threads(1)
     base = tmp_path_factory.mktemp("generation_quality")
     rng = np.random.default_rng(0)
-    real = [(f"{d}_{s}{k}", np.clip(np.array(c) + rng.integers(-12, 13, (32, 32, 3)), 0, 255).astype(np.uint8), d, s)
-            for d, c in zip(DISEASES, COLOURS, strict=True) for s, n in SPLIT_SIZES.items() for k in range(n)]
-    real_root = _write(base / "real", real)
+    real = flat_colour_rows(rng, SPLIT_SIZES)
+    real_root = write_mema(base / "real", real)
     train_classifier(real_root, "resnet18", base / "classifier", **TRAIN_ARGS)
     val = [row for row in real if row[3] == "val"]
-    copies = _write(base / "copies", [(i, im, d, "train") for i, im, d, _ in val])
-    shifted = _write(base / "ignores_prompt",
+    copies = write_mema(base / "copies", [(i, im, d, "train") for i, im, d, _ in val])
+    shifted = write_mema(base / "ignores_prompt",
                      [(i, im, DISEASES[(DISEASES.index(d) + 1) % len(DISEASES)], "train") for i, im, d, _ in val])
-    noise = _write(base / "noise", [(i, rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), d, "train")
+    noise = write_mema(base / "noise", [(i, rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), d, "train")
                                     for i, _, d, _ in val])
     classifier = load_classifier(base / "classifier")
     rows = [("copies", str(copies)), ("ignores prompt", str(shifted)), ("noise", str(noise))]

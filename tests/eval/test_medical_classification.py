@@ -28,12 +28,11 @@ from eval.medical.classification import (
     predict,
     train_classifier,
 )
-from mema_jax.data.layout import DISEASES, Record, read_dataset, write_labels, write_png
+from flat_colours import flat_colour_rows, write_mema
+from mema_jax.data.layout import DISEASES, read_dataset
 from mema_jax.errors import InputError
 
 REPO = Path(__file__).resolve().parents[2]
-COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-           (70, 240, 240), (240, 50, 230)]
 SPLIT_SIZES = {"train": 3, "select": 1, "val": 2}  # images per class
 IMAGE_SIZE = 28  # two 14-pixel DINOv2 patches a side
 TRAIN_ARGS = {"epochs": 4, "batch_size": 8, "lr": 3e-3, "image_size": IMAGE_SIZE, "seed": 0, "device": "cpu"}
@@ -42,18 +41,7 @@ EASY_ACCURACY_BOUND = 0.9  # balanced accuracy on the validation split after 4 e
 
 @pytest.fixture(scope="module")
 def mema(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mema")
-    rng = np.random.default_rng(0)
-    records = []
-    for disease, colour in zip(DISEASES, COLOURS, strict=True):
-        for split, n in SPLIT_SIZES.items():
-            for k in range(n):
-                image_id = f"{disease}_{split}{k}"
-                image = np.clip(np.array(colour) + rng.integers(-12, 13, (32, 32, 3)), 0, 255).astype(np.uint8)
-                write_png(root / "images" / f"{image_id}.png", image)
-                records.append(Record(image_id, f"images/{image_id}.png", disease, "", 40, "female", split, "", ""))
-    write_labels(root, records)
-    return root
+    return write_mema(tmp_path_factory.mktemp("mema"), flat_colour_rows(np.random.default_rng(0), SPLIT_SIZES))
 
 
 @pytest.fixture(scope="module")
