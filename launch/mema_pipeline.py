@@ -68,18 +68,21 @@ PRESETS = {
     "quick": {"data": "data/mema_synth_64_population", "patients": "data/mema_synth_64_patients",
               "public": "data/mema_synth_64_public", "resolution": 64,
               "real_images": 2000, "population_weights": UNIFORM_WEIGHTS, "patient_images": PATIENT_IMAGES,
-              "public_images": 400, "images": 128,
+              "public_images": 400, "images": 128, "sweep_images": 64,
               "unet": ("configs/mema_lora.py:synth_generator", ()),
               "ip_adapter": ("configs/mema_lora.py:synth_generator", ("--config.total_steps=150",
                                                                       "--config.optim.warmup_steps=10",
                                                                       "--config.ema_decay=0")),
               "identity": ("configs/identity.py:synth", ("--config.total_steps=100",)),
               "medclass": ("--epochs=8", "--threads=2"),
-              "sample": "synth", "sample_args": ()},
+              # DPM-Solver++(2M), 10 steps: on the generator's 64 direct samples of one seed, faces found
+              # 14.1% vs DDIM-20's 10.9% and the same Fréchet distance (723.5 vs 723.0), in half the time
+              "sample": "synth", "sample_args": ("--config.sample.scheduler=dpmpp_2m", "--config.sample.steps=10")},
     "tiny": {"data": "data/mema_synth_32_population_tiny", "patients": "data/mema_synth_32_patients_tiny",
              "public": "data/mema_synth_32_public_tiny", "resolution": 32,
              # 96 images: uniform weights would leave each disease 3 people and the val split empty
-             "real_images": 96, "population_weights": ",".join(str(w) for w in CLINIC_WEIGHTS), "patient_images": 48, "public_images": 16, "images": 8,
+             "real_images": 96, "population_weights": ",".join(str(w) for w in CLINIC_WEIGHTS), "patient_images": 48,
+             "public_images": 16, "images": 8, "sweep_images": 8,
              "unet": ("configs/mema_lora.py:tiny_generator", ()),
              "ip_adapter": ("configs/mema_lora.py:tiny", ("--config.total_steps=4", "--config.optim.warmup_steps=1",
                                                           "--config.ema_decay=0")),
@@ -102,7 +105,9 @@ def plan(runs: Path, preset: str = "quick", images: int = 0, data_dir: str = "")
     sample_args = [f"--config.model.folder={unet / 'model'}", f"--config.model.image_encoder={encoder}",
                    f"--config.model.ip_adapter={ip / 'ip_adapter' / 'ip-adapter.safetensors'}",
                    f"--config.real.root={patients}", f"--config.public_faces.folder={public}",
-                   f"--config.sample.num_images={images or p['images']}", *p["sample_args"]]
+                   *p["sample_args"]]
+    num_images = f"--config.sample.num_images={images or p['images']}"
+    sweep_images = f"--config.sample.num_images={images or p['sweep_images']}"
     identity_models = ["--model=dlib", f"--model=arcface_r18={backbone}", f"--pairs={data}:val", "--faces=real-mean",
                        f"--real={patients}", "--real-split=train", f"--embedding-cache={runs / 'embeddings'}"]
     sample = p["sample"]
@@ -133,13 +138,13 @@ def plan(runs: Path, preset: str = "quick", images: int = 0, data_dir: str = "")
         ("medclass", python("eval.medical.classification", "train", f"--data={data}", "--backbone=resnet18",
                          f"--out={medclass}", *p["medclass"]), medclass / "classifier"),
         ("direct", python("launch.main", f"--config=configs/mema_sample.py:{sample},direct", f"--workdir={runs / 'direct'}",
-                       *sample_args), runs / "direct" / "summary.json"),
+                       *sample_args, num_images), runs / "direct" / "summary.json"),
         ("injected", python("launch.main", f"--config=configs/mema_sample.py:{sample}", f"--workdir={runs / 'injected'}",
-                         *sample_args), runs / "injected" / "summary.json"),
+                         *sample_args, num_images), runs / "injected" / "summary.json"),
         ("random", python("launch.main", f"--config=configs/mema_sample.py:{sample},random", f"--workdir={runs / 'random'}",
-                       *sample_args), runs / "random" / "summary.json"),
+                       *sample_args, num_images), runs / "random" / "summary.json"),
         *[("ip_sweep", python("launch.main", f"--config=configs/mema_sample.py:{sample}", f"--workdir={folder}",
-                              *sample_args, f"--config.sample.ip_scale_range=({scale}, {scale})"),
+                              *sample_args, sweep_images, f"--config.sample.ip_scale_range=({scale}, {scale})"),
            folder / "summary.json") for scale, folder in sweep],
         ("tab1", python("eval.leakage_filter", "tab1", f"--row=Direct sample={runs / 'direct'}",
                      f"--row=Face injection={runs / 'injected'}",

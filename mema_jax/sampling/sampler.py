@@ -201,7 +201,6 @@ def microbatch_images(unet, text_encoder, vae, use_guidance: bool, num_tokens: i
     traceable function of arrays, run as is on one device or per device under shard_map, so a
     device computes its microbatch with the same kernels as a single-device run."""
     from mema_jax.models import ip_adapter
-    from mema_jax.models.vae import AutoencoderKL
     from mema_jax.pipelines.text_to_image import denoising_loop
 
     context = text_encoder.apply({"params": params["text"]}, ids).last_hidden_state
